@@ -1,0 +1,40 @@
+"""Shared fixtures: where the real weights and photos live (``../shared`` beside the repo).
+
+The location can be overridden with ``FLAXCNN_SHARED_DIR``. Tests that need the shared
+files skip with a reason when they are absent, except under CI (``CI=true``), where a
+missing ``../shared`` is a set-up error and fails loudly.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import pytest
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+SHARED_DIR = pathlib.Path(os.environ.get("FLAXCNN_SHARED_DIR", REPO_ROOT.parent / "shared"))
+SHARED_WEIGHTS = (
+    SHARED_DIR / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
+)
+SHARED_CATS_VS_DOGS = SHARED_DIR / "data" / "cats_vs_dogs"
+
+
+def _require(path: pathlib.Path) -> pathlib.Path:
+    if not path.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{path} is missing: CI expects ../shared beside the checkout")
+        pytest.skip(f"{path} not found (set FLAXCNN_SHARED_DIR)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_weights() -> pathlib.Path:
+    """The real MobileNetV2 1.0/224 no-top ImageNet weights in the legacy Keras HDF5 layout."""
+    return _require(SHARED_WEIGHTS)
+
+
+@pytest.fixture(scope="session")
+def cats_vs_dogs_dir() -> pathlib.Path:
+    """The real cats-vs-dogs photos: ``train/{cat,dog}`` and ``validation/{cat,dog}``."""
+    return _require(SHARED_CATS_VS_DOGS)
