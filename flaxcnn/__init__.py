@@ -1,0 +1,1 @@
+"""flaxcnn: CNN image classifiers and transfer learning in JAX/Flax."""

@@ -1,0 +1,154 @@
+"""Orbax checkpoints: a resumable "latest" stream, a separate "best" stream, and restore().
+
+A run's workdir holds two CheckpointManagers, so that keeping the best checkpoint can never
+delete the latest resumable one (orbax#526)::
+
+    workdir/checkpoints/<step>/{state, metadata}      last ``keep`` full TrainStates (--resume)
+    workdir/best/<step>/{variables, metadata}         best by validation accuracy, no optimizer
+
+``metadata`` is JSON that makes a checkpoint self-describing: the model config (see
+``flaxcnn.models.build_model``), image size, preprocessing, class names, epoch and metrics.
+Orbax writes each step to a temporary folder and renames it only when complete, and we wait
+for every asynchronous save before returning from a phase, so an interrupted save never
+replaces a good checkpoint; a step folder left incomplete by a crash is skipped with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import linen as nn
+
+from flaxcnn.models import build_model
+
+log = logging.getLogger(__name__)
+
+LATEST_DIR = "checkpoints"
+BEST_DIR = "best"
+_COMMIT_MARKER = "commit_success.txt"
+
+
+class CheckpointError(ValueError):
+    """No usable checkpoint where one was expected; the message says what to pass instead."""
+
+
+def _is_complete_step(path: pathlib.Path) -> bool:
+    return path.is_dir() and path.name.isdigit() and (path / "metadata").is_dir()
+
+
+def _has_all_items(path: pathlib.Path) -> bool:
+    """Orbax leaves ``_CHECKPOINT_METADATA`` in a finalised step; items must all be present."""
+    if not (path / "_CHECKPOINT_METADATA").exists():
+        return False
+    items = [p for p in path.iterdir() if p.is_dir()]
+    return bool(items) and all(any(i.iterdir()) for i in items)
+
+
+def complete_steps(directory: str | os.PathLike) -> list[int]:
+    """Steps under a manager folder that are complete; warns about (and skips) broken ones."""
+    directory = pathlib.Path(directory)
+    if not directory.is_dir():
+        return []
+    steps = []
+    for path in sorted(directory.iterdir()):
+        if not path.name.isdigit():
+            continue
+        if _is_complete_step(path) and _has_all_items(path):
+            steps.append(int(path.name))
+        else:
+            log.warning("ignoring incomplete checkpoint %s (a save was interrupted)", path)
+    return sorted(steps)
+
+
+def save_variables(
+    directory: str | os.PathLike, variables: Mapping[str, Any], metadata: Mapping[str, Any]
+) -> pathlib.Path:
+    """Writes one self-describing inference checkpoint: ``variables`` + ``metadata`` items.
+
+    Used by ``python -m flaxcnn.weights convert``; training writes the same items into
+    ``workdir/best/<step>``.
+    """
+    directory = pathlib.Path(directory).resolve()
+    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    checkpointer.save(
+        directory,
+        args=ocp.args.Composite(
+            variables=ocp.args.StandardSave(dict(variables)),
+            metadata=ocp.args.JsonSave(dict(metadata)),
+        ),
+    )
+    return directory
+
+
+def _step_dir_for(path: pathlib.Path) -> pathlib.Path:
+    """Finds the step folder a user meant: a run workdir, a manager folder or a step folder."""
+    if _is_complete_step(path) or (path / "metadata").is_dir():
+        return path
+    for manager_dir in (path / BEST_DIR, path / LATEST_DIR, path):
+        steps = complete_steps(manager_dir)
+        if steps:
+            return manager_dir / str(steps[-1])
+    raise CheckpointError(
+        f"no checkpoint found at {path}; pass a run folder (holding {BEST_DIR}/ or "
+        f"{LATEST_DIR}/), one of those folders, or a step folder inside them"
+    )
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON metadata of the checkpoint ``path`` points to (see :func:`restore`)."""
+    step_dir = _step_dir_for(pathlib.Path(path).expanduser().resolve())
+    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    restored = checkpointer.restore(step_dir, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
+    return dict(restored["metadata"])
+
+
+def restore(
+    path: str | os.PathLike, *, dtype: Any = None, conv_impl: str = "auto"
+) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+    """Restores a model for inference or research code, without its optimizer.
+
+    Args:
+      path: a run workdir (its best checkpoint, else its latest), a ``best/`` or
+        ``checkpoints/`` folder (its newest step), or one step folder; relative paths are
+        made absolute.
+      dtype: computation dtype of the rebuilt module (default float32).
+      conv_impl: convolution formulation (see ``flaxcnn.models.layers``).
+
+    Returns:
+      ``(model, {'params', 'batch_stats'?}, metadata)``; ``model.apply(variables, images)``
+      gives logits for images preprocessed as ``metadata['preprocessing']`` says.
+
+    Raises:
+      CheckpointError: nothing restorable at ``path``; the message says what to pass.
+    """
+    import jax.numpy as jnp
+
+    step_dir = _step_dir_for(pathlib.Path(path).expanduser().resolve())
+    metadata = read_metadata(step_dir)
+    model = build_model(metadata["model"], dtype=dtype or jnp.float32, conv_impl=conv_impl)
+    height, width = metadata["image_size"]
+    abstract = jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, height, width, 3)))
+    )
+    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    if (step_dir / "variables").is_dir():
+        restored = checkpointer.restore(
+            step_dir, args=ocp.args.Composite(variables=ocp.args.StandardRestore(dict(abstract)))
+        )
+        variables = dict(restored["variables"])
+    else:  # a resumable training checkpoint: take the model's part of the TrainState
+        restored = checkpointer.restore(
+            step_dir, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+        )
+        state = restored["state"]
+        variables = {"params": state["params"]}
+        if state.get("batch_stats"):
+            variables["batch_stats"] = state["batch_stats"]
+    log.info("restored %s", step_dir)
+    return model, variables, metadata

@@ -1,0 +1,536 @@
+"""Image classification input pipeline: a TFDS name or an image folder in, numpy batches out.
+
+Both sources yield *encoded* image bytes (TFDS through ``tfds.decode.SkipDecoding``), so one decode
+path serves both: decode (JPEG/PNG/BMP/GIF/WebP, forced to RGB) -> bilinear resize -> uint8. The
+decoded split is kept in memory when it fits ``cache_limit_bytes``; otherwise files are decoded each
+epoch. Every epoch's order is a numpy permutation of ``(seed, epoch)`` and augmentation draws from
+stateless TF ops keyed on ``(seed, epoch, example)``, so batches are a pure function of those
+numbers: a resumed run (``start_batch``) and each process's shard reproduce them exactly.
+
+TensorFlow and TFDS are imported on first use; importing this module does no I/O.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import functools
+import math
+import pathlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+PREPROCESSING_MODES = ("tf", "unit")  # 'tf': [-1, 1] (MobileNetV2); 'unit': [0, 1]
+IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".webp")
+MIN_IMAGE_SIZE = 32
+DEFAULT_CACHE_LIMIT_BYTES = 2 * 1024**3
+ROTATION_FACTOR = 0.2  # as keras.layers.RandomRotation(0.2): angles in +-0.2 * 2pi
+
+
+class DataError(ValueError):
+    """A data source or setting that cannot work; the one-line message says what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Split:
+    labels: np.ndarray  # int32 [n], in the split's fixed order
+    paths: np.ndarray | None = None  # folder source: file path per example
+    tfds_split: str | None = None  # TFDS source: which split, and the kept positions in it
+    indices: np.ndarray | None = None
+    source_size: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageDataset:
+    """An opened image source: class names, usable split sizes, and what was skipped.
+
+    Attributes:
+      name: the TFDS name, or the image folder's absolute path.
+      class_names: label i is ``class_names[i]`` (sorted folder names or TFDS label names).
+      split_sizes: usable examples per split ('train', 'validation', maybe 'test').
+      skipped: the unreadable examples that were dropped (paths relative to the folder).
+      notes: lines for the caller to log once (carved validation split, skipped images).
+      cache_limit_bytes: decoded splits up to this size (n*h*w*3) are kept in memory.
+    """
+
+    name: str
+    class_names: tuple[str, ...]
+    split_sizes: dict[str, int]
+    skipped: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    cache_limit_bytes: int = DEFAULT_CACHE_LIMIT_BYTES
+    _splits: dict[str, _Split] = dataclasses.field(default_factory=dict, repr=False, compare=False)
+    _builder: Any = dataclasses.field(default=None, repr=False, compare=False)
+    _memo: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+
+@functools.cache
+def _tf():
+    """Imports TensorFlow once, hiding GPUs from it so that JAX keeps the accelerator memory."""
+    import tensorflow as tf
+
+    # RuntimeError: the caller already initialised TF's devices; leave them as they are.
+    with contextlib.suppress(RuntimeError):
+        tf.config.set_visible_devices([], "GPU")
+    return tf
+
+
+def _one_line(text: object, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _scale(images, mode: str):
+    """Maps float pixel values in [0, 255] to the model's input range (numpy or TF)."""
+    if mode not in PREPROCESSING_MODES:
+        raise DataError(f"unknown preprocessing {mode!r}: use one of {PREPROCESSING_MODES}")
+    return images / 127.5 - 1.0 if mode == "tf" else images / 255.0
+
+
+def scale_images(images: np.ndarray, mode: str) -> np.ndarray:
+    """Scales uint8-range pixels as the pipeline does ('tf': [-1, 1], 'unit': [0, 1]).
+
+    Args:
+      images: pixel values in [0, 255], any shape, integer or float.
+      mode: one of ``PREPROCESSING_MODES``.
+
+    Returns:
+      float32 array of the same shape.
+    """
+    return _scale(np.asarray(images, dtype=np.float32), mode).astype(np.float32)
+
+
+def _image_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
+    hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if len(hw) != 2 or min(hw) < MIN_IMAGE_SIZE:
+        raise DataError(
+            f"image size {image_size} is too small or malformed: give an int or (height, width) "
+            f"of at least {MIN_IMAGE_SIZE} pixels, e.g. 160"
+        )
+    return int(hw[0]), int(hw[1])
+
+
+def _decode(data):
+    """Encoded bytes -> uint8 [h, w, 3]; raises (in the graph) on unreadable data."""
+    tf = _tf()
+    image = tf.io.decode_image(data, channels=3, expand_animations=False)
+    # TF decodes 8-bit BMPs to their palette *indices*; look the colours up as other decoders do.
+    header = tf.strings.substr(tf.strings.join([tf.strings.substr(data, 0, 54), "\0" * 54]), 0, 54)
+    header = tf.cast(tf.io.decode_raw(header, tf.uint8), tf.int32)
+    is_palette_bmp = (header[0] == 66) & (header[1] == 77) & (header[28] == 8)
+
+    def palette_lookup():
+        le32 = lambda at: tf.reduce_sum(header[at : at + 4] * [1, 256, 65536, 16777216])
+        count = tf.where(le32(46) > 0, le32(46), 256)
+        palette = tf.io.decode_raw(tf.strings.substr(data, 14 + le32(14), 4 * count), tf.uint8)
+        palette = tf.reverse(tf.reshape(palette, [-1, 4])[:, :3], axis=[1])  # BGRx -> RGB
+        return tf.gather(palette, tf.cast(image[..., 0], tf.int32))
+
+    return tf.cond(is_palette_bmp, palette_lookup, lambda: image)
+
+
+def _decode_resize(data, hw: tuple[int, int]):
+    tf = _tf()
+    # Bilinear without antialiasing, as keras.utils.image_dataset_from_directory resizes.
+    image = tf.image.resize(_decode(data), hw, method="bilinear")
+    image = tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+    return tf.ensure_shape(image, (*hw, 3))
+
+
+def _readable(examples) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and labels of the ``(index, encoded bytes, label)`` elements that decode, sorted.
+
+    TF graph ops cannot catch a decode error per element, so a one-time parallel pass drops the
+    failing elements with ``ignore_errors`` and keeps the survivors' indices.
+    """
+    tf = _tf()
+
+    def check(index, data, label):
+        return index, label, tf.shape(_decode(data))[0]
+
+    checked = examples.map(check, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+    batches = list(checked.ignore_errors().batch(1024).as_numpy_iterator())
+    indices = np.concatenate([np.zeros([0], np.int64)] + [i for i, _, _ in batches])
+    labels = np.concatenate([np.zeros([0], np.int32)] + [y for _, y, _ in batches])
+    order = np.argsort(indices)
+    return indices[order], labels[order].astype(np.int32)
+
+
+def _carve(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Splits positions into (train, validation), the same fraction from every class."""
+    if not 0.0 < fraction < 1.0:
+        raise DataError(f"validation fraction {fraction} must lie strictly between 0 and 1")
+    rng = np.random.default_rng(seed)
+    held_out = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        count = min(round(fraction * len(members)), len(members) - 1)  # keep one for training
+        held_out.append(rng.permutation(members)[:count])
+    validation = np.sort(np.concatenate(held_out))
+    return np.setdiff1d(np.arange(len(labels)), validation), validation
+
+
+def _finish_open(name, class_names, splits, skipped, carve, fraction, seed, **fields):
+    notes = []
+    if carve:
+        train = splits["train"]
+        keep, held_out = _carve(train.labels, fraction, seed)
+        pick = lambda at: dataclasses.replace(
+            train,
+            labels=train.labels[at],
+            paths=None if train.paths is None else train.paths[at],
+            indices=None if train.indices is None else train.indices[at],
+        )
+        splits = {**splits, "train": pick(keep), "validation": pick(held_out)}
+        notes.append(
+            f"{name} has no validation split: held out {len(held_out)} of {len(train.labels)} "
+            f"training examples ({fraction:.0%} of each class, split_seed={seed}) as 'validation'"
+        )
+    if skipped:
+        notes.append(
+            f"skipped {len(skipped)} unreadable image{'s' * (len(skipped) > 1)}, e.g. {skipped[0]}"
+        )
+    sizes = {split: len(s.labels) for split, s in splits.items()}
+    return ImageDataset(
+        name, tuple(class_names), sizes, tuple(skipped), tuple(notes), _splits=splits, **fields
+    )
+
+
+def _open_folder(root: pathlib.Path, fraction: float, seed: int, **fields) -> ImageDataset:
+    tf = _tf()
+    layout = f"expected {root}/train/<class>/*.jpg (optional validation/ and test/ alike)"
+    if not (root / "train").is_dir():
+        found = sorted(p.name for p in root.iterdir() if p.is_dir())[:5]
+        hint = f"move the class folders {found} into train/" if found else "it has no subfolders"
+        raise DataError(f"image folder {root} has no 'train' split: {layout}; {hint}")
+    class_names = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    if not class_names:
+        raise DataError(f"{root}/train has no class subfolders: {layout}")
+    listed = {}
+    for split in ("train", "validation", "test"):
+        if not (root / split).is_dir():
+            continue
+        extra = {p.name for p in (root / split).iterdir() if p.is_dir()} - set(class_names)
+        if extra:
+            raise DataError(f"{root}/{split} has classes {sorted(extra)} missing from train/")
+        for label, class_name in enumerate(class_names):
+            class_dir = root / split / class_name
+            if not class_dir.is_dir():
+                continue
+            files = sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not files:
+                raise DataError(
+                    f"class folder {class_dir} has no images ({'/'.join(IMAGE_EXTENSIONS)}): "
+                    "add some or remove the folder"
+                )
+            listed.setdefault(split, []).extend((str(p), label) for p in files)
+    all_paths = np.array([p for examples in listed.values() for p, _ in examples])
+    all_labels = np.array([label for examples in listed.values() for _, label in examples])
+    read = tf.data.Dataset.from_tensor_slices((np.arange(len(all_paths)), all_paths, all_labels))
+    ok = np.zeros(len(all_paths), bool)
+    ok[_readable(read.map(lambda i, path, label: (i, tf.io.read_file(path), label)))[0]] = True
+    skipped = [str(pathlib.Path(p).relative_to(root)) for p in all_paths[~ok]]
+    splits, start = {}, 0
+    for split, examples in listed.items():
+        keep = ok[start : start + len(examples)]
+        splits[split] = _Split(
+            labels=all_labels[start : start + len(examples)][keep].astype(np.int32),
+            paths=all_paths[start : start + len(examples)][keep],
+        )
+        start += len(examples)
+    carve = "validation" not in splits
+    return _finish_open(str(root), class_names, splits, skipped, carve, fraction, seed, **fields)
+
+
+def _tfds_examples(builder, split: str):
+    """(encoded image, label) pairs of a TFDS split, in its stored order."""
+    tfds = _tfds()
+    image_key, label_key = builder.info.supervised_keys or ("image", "label")
+    examples = builder.as_dataset(
+        split=split, decoders={image_key: tfds.decode.SkipDecoding()}, shuffle_files=False
+    )
+    return examples.map(lambda example: (example[image_key], example[label_key]))
+
+
+@functools.cache
+def _tfds():
+    _tf()
+    import tensorflow_datasets as tfds
+
+    return tfds
+
+
+def _open_tfds(name: str, data_dir, download: bool, fraction, seed, **fields) -> ImageDataset:
+    tfds = _tfds()
+    fix = "pass --data-dir with a prepared copy (tfds build NAME --data_dir DIR) or an image folder"
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        known = tfds.list_builders(with_community_datasets=False)
+        close = difflib.get_close_matches(name.split(":")[0].split("/")[0], known, n=3)
+        hint = f" (close names: {', '.join(close)})" if close else ""
+        raise DataError(f"unknown TFDS dataset {name!r}{hint} and no such folder; {fix}") from None
+    except Exception as error:
+        raise DataError(f"cannot open TFDS dataset {name!r}: {_one_line(error)}; {fix}") from None
+    if not builder.is_prepared():
+        if not download:
+            raise DataError(
+                f"TFDS dataset {name!r} is not prepared in {builder.data_dir} and download=False "
+                f"(offline); {fix}"
+            )
+        try:
+            builder.download_and_prepare()
+        except Exception as error:  # network, 404, checksum, manual-download datasets, ...
+            raise DataError(
+                f"could not download TFDS dataset {name!r} ({type(error).__name__}: "
+                f"{_one_line(error, 160)}); {fix}"
+            ) from None
+    # Under tfds.testing.mock_data the builder lists no splits, but any split name reads.
+    split_names = list(builder.info.splits) or ["train"]
+    if "train" not in split_names:
+        raise DataError(f"TFDS dataset {name!r} has no 'train' split ({split_names}); {fix}")
+    label_key = (builder.info.supervised_keys or ("image", "label"))[1]
+    class_names = builder.info.features[label_key].names
+    splits, skipped = {}, []
+    for split in ("train", "validation", "test"):
+        if split not in split_names:
+            continue
+        examples = _tfds_examples(builder, split)
+        size = int(examples.cardinality())
+        if size < 0:
+            size = int(examples.reduce(0, lambda count, _: count + 1))
+        kept, labels = _readable(examples.enumerate().map(lambda i, ex: (i, ex[0], ex[1])))
+        skipped += [f"{split}[{i}]" for i in np.setdiff1d(np.arange(size), kept)]
+        splits[split] = _Split(labels=labels, tfds_split=split, indices=kept, source_size=size)
+    carve = "validation" not in splits
+    return _finish_open(
+        name, class_names, splits, skipped, carve, fraction, seed, _builder=builder, **fields
+    )
+
+
+def open_dataset(
+    source: str,
+    *,
+    data_dir: str | None = None,
+    download: bool = True,
+    validation_fraction: float = 0.2,
+    split_seed: int = 0,
+    cache_limit_bytes: int = DEFAULT_CACHE_LIMIT_BYTES,
+) -> ImageDataset:
+    """Opens a TFDS dataset or a class-per-folder image directory and checks every image once.
+
+    A folder needs ``train/<class>/*`` (optional ``validation/`` and ``test/`` alike); class names
+    are the sorted ``train/`` subfolders. Unreadable images are dropped and listed in ``skipped``.
+    Without a validation split, one is carved from train (seeded, stratified) and a note says so.
+
+    Args:
+      source: an existing folder path, or a TFDS name such as 'cats_vs_dogs'.
+      data_dir: TFDS data directory (None: TFDS's default).
+      download: whether TFDS may download and prepare the dataset; False never uses the network.
+      validation_fraction: the share of each class held out when there is no validation split.
+      split_seed: seed of that hold-out.
+      cache_limit_bytes: decoded splits (n*h*w*3 bytes) up to this size are kept in memory.
+
+    Returns:
+      The opened dataset.
+
+    Raises:
+      DataError: one line naming the problem and the fix.
+    """
+    fields = dict(cache_limit_bytes=cache_limit_bytes)
+    path = pathlib.Path(source).expanduser()
+    if path.is_dir():
+        return _open_folder(path.resolve(), validation_fraction, split_seed, **fields)
+    if path.exists() or source.startswith(("/", ".", "~")):
+        raise DataError(f"{source} is not a folder: pass an image folder (DIR/train/<class>/*.jpg)")
+    return _open_tfds(source, data_dir, download, validation_fraction, split_seed, **fields)
+
+
+def _split(dataset: ImageDataset, split: str) -> _Split:
+    if split not in dataset._splits:
+        choices = list(dataset._splits)
+        raise DataError(f"{dataset.name} has no split {split!r}: choose from {choices}")
+    return dataset._splits[split]
+
+
+def _encoded(dataset: ImageDataset, split: str):
+    """The split's encoded images, in its fixed order."""
+    tf, source = _tf(), _split(dataset, split)
+    if source.paths is not None:
+        paths = tf.data.Dataset.from_tensor_slices(source.paths)
+        return paths.map(tf.io.read_file, num_parallel_calls=tf.data.AUTOTUNE)
+    keep = np.zeros(source.source_size, bool)
+    keep[source.indices] = True
+    examples = _tfds_examples(dataset._builder, source.tfds_split).enumerate()
+    return examples.filter(lambda i, _: tf.gather(keep, i)).map(lambda _, example: example[0])
+
+
+def _image_loader(dataset: ImageDataset, split: str, hw: tuple[int, int]):
+    """Returns ``load(position) -> uint8 [h, w, 3]`` for use inside a tf.data map."""
+    tf, source = _tf(), _split(dataset, split)
+    key = (split, hw)
+    if len(source.labels) * hw[0] * hw[1] * 3 <= dataset.cache_limit_bytes:
+        if key not in dataset._memo:  # decode the split once, in parallel, into one tensor
+            decoded = _encoded(dataset, split).map(
+                lambda data: _decode_resize(data, hw), num_parallel_calls=tf.data.AUTOTUNE
+            )
+            chunks = list(decoded.batch(256).prefetch(1))
+            dataset._memo[key] = tf.concat(chunks or [tf.zeros([0, *hw, 3], tf.uint8)], 0)
+        images = dataset._memo[key]
+        return lambda position: tf.gather(images, position)
+    if source.paths is not None:  # too big to cache: random access through the file paths
+        paths = tf.constant(source.paths)
+        return lambda position: _decode_resize(tf.io.read_file(tf.gather(paths, position)), hw)
+    if split not in dataset._memo:  # TFDS records have no random access; hold the encoded bytes
+        dataset._memo[split] = tf.concat(list(_encoded(dataset, split).batch(1024)), 0)
+    encoded = dataset._memo[split]
+    return lambda position: _decode_resize(tf.gather(encoded, position), hw)
+
+
+def _batches(dataset, split, positions, hw, preprocessing, augment_key, with_mask):
+    """Batches of the examples at ``positions`` [num_batches, per_process_batch]; -1 pads."""
+    tf = _tf()
+    _scale(0.0, preprocessing)  # fail now, not inside the pipeline
+    load, labels = _image_loader(dataset, split, hw), tf.constant(_split(dataset, split).labels)
+
+    def element(position):
+        valid = position >= 0
+        position = tf.maximum(position, 0)
+        out = {"image": load(position), "label": tf.where(valid, tf.gather(labels, position), 0)}
+        if with_mask:
+            out["mask"] = valid
+            out["image"] = out["image"] * tf.cast(valid, tf.uint8)
+        if augment_key is not None:  # keyed on the example, so sharding or resuming keeps it
+            key = tf.random.experimental.stateless_fold_in(augment_key, position, alg="philox")
+            draw = tf.random.stateless_uniform([2], seed=key, alg="philox")
+            flip = lambda: tf.reverse(out["image"], axis=[1])
+            out["image"] = tf.cond(draw[0] < 0.5, flip, lambda: out["image"])
+            out["angle"] = (2.0 * draw[1] - 1.0) * (ROTATION_FACTOR * 2.0 * math.pi)
+        return out
+
+    def finish(batch):
+        images = tf.cast(batch.pop("image"), tf.float32)
+        if augment_key is not None:
+            images = _rotate(images, batch.pop("angle"))
+        return {"image": _scale(images, preprocessing), **batch}
+
+    ds = tf.data.Dataset.from_tensor_slices(positions.reshape(-1).astype(np.int64))
+    ds = ds.map(element, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(positions.shape[1], drop_remainder=True)
+    ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+
+
+def _rotate(images, angles):
+    """Rotates float [B, h, w, C] images by ``angles`` (radians), as Keras RandomRotation does."""
+    tf = _tf()
+    h, w = images.shape[1], images.shape[2]
+    cx, cy = (w - 1) / 2.0, (h - 1) / 2.0
+    cos, sin, zeros = tf.cos(angles), tf.sin(angles), tf.zeros_like(angles)
+    transforms = [cos, -sin, cx - cx * cos + cy * sin, sin, cos, cy - cx * sin - cy * cos]
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=images,
+        transforms=tf.stack([*transforms, zeros, zeros], axis=1),
+        output_shape=[h, w],
+        fill_value=0.0,
+        interpolation="BILINEAR",
+        fill_mode="REFLECT",
+    )
+
+
+def _per_process(batch_size: int, process_index: int, process_count: int) -> slice:
+    if batch_size < 1 or batch_size % process_count or not 0 <= process_index < process_count:
+        raise DataError(
+            f"batch size {batch_size} must be positive and divisible by the process count "
+            f"{process_count} (process index {process_index})"
+        )
+    per_process = batch_size // process_count
+    return slice(process_index * per_process, (process_index + 1) * per_process)
+
+
+def num_batches(dataset: ImageDataset, split: str, batch_size: int, *, drop_remainder: bool) -> int:
+    """Global batches per pass over ``split`` (the same on every process)."""
+    size = len(_split(dataset, split).labels)
+    return size // batch_size if drop_remainder else -(-size // batch_size)
+
+
+def train_batches(
+    dataset: ImageDataset,
+    *,
+    batch_size: int,
+    image_size: int | Sequence[int],
+    preprocessing: str,
+    augment: bool,
+    seed: int,
+    epoch: int,
+    start_batch: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[dict[str, np.ndarray]]:
+    """One epoch of the 'train' split, shuffled by ``(seed, epoch)``, the remainder dropped.
+
+    Args:
+      dataset: from ``open_dataset``.
+      batch_size: the global batch size; each process gets ``batch_size // process_count``.
+      image_size: int or (height, width), at least 32.
+      preprocessing: one of ``PREPROCESSING_MODES``.
+      augment: random horizontal flip and rotation (+-72 degrees, bilinear, reflect).
+      seed: non-negative; with ``epoch`` it fixes the order and the augmentation.
+      epoch: non-negative epoch number.
+      start_batch: skip this many batches (to resume mid-epoch); costs nothing.
+      process_index: this process's index.
+      process_count: the number of processes; every one yields the same number of batches.
+
+    Yields:
+      {'image': float32 [b, h, w, 3], 'label': int32 [b]} with b = batch_size // process_count.
+    """
+    hw, shard = _image_hw(image_size), _per_process(batch_size, process_index, process_count)
+    count = num_batches(dataset, "train", batch_size, drop_remainder=True)
+    if count == 0:
+        raise DataError(
+            f"batch size {batch_size} exceeds the {dataset.split_sizes['train']} training examples"
+            f" of {dataset.name}: lower the batch size"
+        )
+    if not 0 <= start_batch <= count:
+        raise DataError(f"start_batch {start_batch} is outside the epoch's {count} batches")
+    order = np.random.default_rng([seed, epoch]).permutation(dataset.split_sizes["train"])
+    positions = order[: count * batch_size].reshape(count, batch_size)[start_batch:, shard]
+    key = np.array([seed, epoch], np.int64) if augment else None
+    return _batches(dataset, "train", positions, hw, preprocessing, key, with_mask=False)
+
+
+def eval_batches(
+    dataset: ImageDataset,
+    split: str,
+    *,
+    batch_size: int,
+    image_size: int | Sequence[int],
+    preprocessing: str,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Every example of ``split`` once, in a fixed order; the last batch is padded.
+
+    Args:
+      dataset: from ``open_dataset``.
+      split: 'train', 'validation' or 'test' (those in ``dataset.split_sizes``).
+      batch_size: the global batch size; each process gets ``batch_size // process_count``.
+      image_size: int or (height, width), at least 32.
+      preprocessing: one of ``PREPROCESSING_MODES``.
+      process_index: this process's index.
+      process_count: the number of processes; every one yields the same number of batches.
+
+    Yields:
+      {'image': float32 [b, h, w, 3], 'label': int32 [b], 'mask': bool [b]}; padding has
+      mask False, label 0 and a black image.
+    """
+    hw, shard = _image_hw(image_size), _per_process(batch_size, process_index, process_count)
+    size = len(_split(dataset, split).labels)
+    count = num_batches(dataset, split, batch_size, drop_remainder=False)
+    positions = np.full(count * batch_size, -1, np.int64)
+    positions[:size] = np.arange(size)
+    positions = positions.reshape(count, batch_size)[:, shard]
+    return _batches(dataset, split, positions, hw, preprocessing, None, with_mask=True)

@@ -1,0 +1,218 @@
+"""MobileNetV2, ported layer for layer from ``keras.applications.MobileNetV2``.
+
+"Keras-exact" is a contract on names and constants (Sandler et al., 2018, as Keras builds it):
+every submodule carries the Keras layer name (``Conv1``, ``bn_Conv1``,
+``expanded_conv_depthwise``, ``block_{i}_expand_BN``, ``Conv_1``, ``predictions`` ...), BatchNorm
+uses epsilon 1e-3 and momentum 0.999 (Keras and Flax share the EMA convention), activations are
+ReLU6, and stride-2 depthwise convs use Keras's asymmetric ``correct_pad`` zero padding followed
+by VALID. Given the same weights the outputs equal Keras's (tests/test_parity_keras.py).
+
+The model is a pure definition: it returns logits (Keras applies softmax), does not normalise
+its input (feed images scaled to [-1, 1], see ``flaxcnn.data.scale_images``) and never touches
+files; pretrained variables come from :mod:`flaxcnn.pretrained`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from flaxcnn.models.layers import DepthwiseConv2D, PointwiseConv
+
+ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
+MIN_INPUT_SIZE = 32
+
+# (output filters, stride, expansion) of the 17 inverted residual blocks, as in Keras.
+BLOCKS = (
+    (16, 1, 1),
+    (24, 2, 6), (24, 1, 6),
+    (32, 2, 6), (32, 1, 6), (32, 1, 6),
+    (64, 2, 6), (64, 1, 6), (64, 1, 6), (64, 1, 6),
+    (96, 1, 6), (96, 1, 6), (96, 1, 6),
+    (160, 2, 6), (160, 1, 6), (160, 1, 6),
+    (320, 1, 6),
+)  # fmt: skip
+
+
+def make_divisible(value: float, divisor: int = 8) -> int:
+    """Keras's ``_make_divisible``: round to a multiple of ``divisor``, losing at most 10%."""
+    new_value = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    if new_value < 0.9 * value:
+        new_value += divisor
+    return new_value
+
+
+def correct_pad(height: int, width: int, kernel_size: int = 3) -> tuple[tuple[int, int], ...]:
+    """Keras's ``imagenet_utils.correct_pad``: the zero padding before a stride-2 conv.
+
+    Even sizes get one row/column at the bottom/right only; odd sizes one on each side.
+    """
+    half = kernel_size // 2
+    return ((half - (1 - height % 2), half), (half - (1 - width % 2), half))
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSpec:
+    """One inverted residual block: Keras name prefix, channels, stride, residual add."""
+
+    block_id: int
+    prefix: str
+    in_channels: int
+    expanded_channels: int | None  # None: block 0 has no expansion conv
+    out_channels: int
+    stride: int
+
+    @property
+    def has_residual(self) -> bool:
+        return self.stride == 1 and self.in_channels == self.out_channels
+
+
+@functools.cache
+def block_specs(alpha: float) -> tuple[BlockSpec, ...]:
+    """The 17 blocks' channel plan for a width multiplier, computed as Keras does."""
+    channels = make_divisible(32 * alpha, 8)
+    specs = []
+    for block_id, (filters, stride, expansion) in enumerate(BLOCKS):
+        out_channels = make_divisible(int(filters * alpha), 8)
+        specs.append(
+            BlockSpec(
+                block_id=block_id,
+                prefix=f"block_{block_id}_" if block_id else "expanded_conv_",
+                in_channels=channels,
+                expanded_channels=expansion * channels if block_id else None,
+                out_channels=out_channels,
+                stride=stride,
+            )
+        )
+        channels = out_channels
+    return tuple(specs)
+
+
+def last_conv_channels(alpha: float) -> int:
+    """``Conv_1`` has 1280 channels, scaled only when ``alpha > 1`` (as in the paper)."""
+    return make_divisible(1280 * alpha, 8) if alpha > 1.0 else 1280
+
+
+def keras_layer_names(alpha: float = 1.0, include_top: bool = False) -> tuple[str, ...]:
+    """Names of ``keras.applications.MobileNetV2(...).layers`` in order, weightless ones included.
+
+    Index ``i`` of this tuple is Keras layer index ``i``, so the TensorFlow tutorial's
+    ``fine_tune_at = 100`` can be translated to a module name (``block_11_expand_relu``).
+    """
+    names = ["input_1", "Conv1", "bn_Conv1", "Conv1_relu"]
+    for spec in block_specs(alpha):
+        p = spec.prefix
+        if spec.expanded_channels is not None:
+            names += [p + "expand", p + "expand_BN", p + "expand_relu"]
+        if spec.stride == 2:
+            names.append(p + "pad")
+        names += [p + "depthwise", p + "depthwise_BN", p + "depthwise_relu"]
+        names += [p + "project", p + "project_BN"]
+        if spec.has_residual:
+            names.append(p + "add")
+    names += ["Conv_1", "Conv_1_bn", "out_relu"]
+    if include_top:
+        names += ["global_average_pooling2d", "predictions"]
+    return tuple(names)
+
+
+class MobileNetV2(nn.Module):
+    """MobileNetV2 (Keras layout and names), NHWC input scaled to [-1, 1], logits out.
+
+    Attributes:
+      alpha: width multiplier; Keras publishes ImageNet weights for ``ALPHAS``.
+      include_top: add global average pooling and the ``predictions`` dense layer.
+      num_classes: classes of the top (1000 for ImageNet).
+      pooling: without the top: ``None`` (feature map), ``'avg'`` or ``'max'`` (vectors).
+      conv_impl: depthwise/1x1 formulation, see ``flaxcnn.models.layers``; never changes results.
+      dtype: computation dtype (e.g. ``jnp.bfloat16``); params and BN statistics stay float32.
+    """
+
+    alpha: float = 1.0
+    include_top: bool = True
+    num_classes: int = 1000
+    pooling: str | None = None
+    conv_impl: str = "auto"
+    dtype: Any = jnp.float32
+
+    def _batch_norm(self, name: str, train: bool) -> nn.BatchNorm:
+        return nn.BatchNorm(
+            use_running_average=not train,
+            momentum=0.999,
+            epsilon=1e-3,
+            dtype=self.dtype,
+            name=name,
+        )
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """Runs the network.
+
+        Args:
+          x: images ``[N, H, W, 3]`` scaled to [-1, 1]; ``H, W >= 32``.
+          train: BatchNorm uses batch statistics and updates ``batch_stats`` (pass
+            ``mutable=['batch_stats']``); otherwise it uses the running averages.
+
+        Returns:
+          Logits ``[N, num_classes]`` with the top, else the feature map ``[N, h, w, C]`` or,
+          with pooling, features ``[N, C]``.
+        """
+        if x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(f"MobileNetV2 expects NHWC images with 3 channels, got {x.shape}")
+        if min(x.shape[1:3]) < MIN_INPUT_SIZE:
+            raise ValueError(
+                f"MobileNetV2 needs inputs of at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE}, "
+                f"got {x.shape[1]}x{x.shape[2]}"
+            )
+        if self.pooling not in (None, "avg", "max"):
+            raise ValueError(f"pooling={self.pooling!r}; expected None, 'avg' or 'max'")
+        relu6 = lambda y: jnp.minimum(nn.relu(y), 6.0)
+        pointwise = functools.partial(PointwiseConv, conv_impl=self.conv_impl, dtype=self.dtype)
+
+        x = nn.Conv(
+            make_divisible(32 * self.alpha, 8),
+            (3, 3),
+            strides=(2, 2),
+            padding="SAME",
+            use_bias=False,
+            dtype=self.dtype,
+            name="Conv1",
+        )(x)
+        x = relu6(self._batch_norm("bn_Conv1", train)(x))
+
+        for spec in block_specs(self.alpha):
+            p = spec.prefix
+            inputs = x
+            if spec.expanded_channels is not None:
+                x = pointwise(spec.expanded_channels, name=p + "expand")(x)
+                x = relu6(self._batch_norm(p + "expand_BN", train)(x))
+            padding = correct_pad(*x.shape[1:3]) if spec.stride == 2 else "SAME"
+            x = DepthwiseConv2D(
+                strides=(spec.stride, spec.stride),
+                padding=padding,
+                conv_impl=self.conv_impl,
+                dtype=self.dtype,
+                name=p + "depthwise",
+            )(x)
+            x = relu6(self._batch_norm(p + "depthwise_BN", train)(x))
+            x = pointwise(spec.out_channels, name=p + "project")(x)
+            x = self._batch_norm(p + "project_BN", train)(x)
+            if spec.has_residual:
+                x = inputs + x
+
+        x = pointwise(last_conv_channels(self.alpha), name="Conv_1")(x)
+        x = relu6(self._batch_norm("Conv_1_bn", train)(x))
+
+        if self.include_top:
+            x = jnp.mean(x, axis=(1, 2))
+            return nn.Dense(self.num_classes, dtype=self.dtype, name="predictions")(x)
+        if self.pooling == "avg":
+            return jnp.mean(x, axis=(1, 2))
+        if self.pooling == "max":
+            return jnp.max(x, axis=(1, 2))
+        return x

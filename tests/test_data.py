@@ -1,0 +1,332 @@
+"""Tests of flaxcnn.data on small image folders written here, mocked TFDS, and the shared photos."""
+
+from __future__ import annotations
+
+import math
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from flaxcnn import data
+
+# Solid colours, one per readable training file, so a decoded image shows which file it came from.
+# name -> (label, RGB); labels follow the sorted class folders apple=0, mango=1, zebra=2.
+TRAIN_FILES = {
+    "apple/red.jpg": (0, (200, 30, 40)),
+    "apple/gray.png": (0, (90, 90, 90)),
+    "apple/bitmap.bmp": (0, (10, 120, 250)),
+    "apple/palette.bmp": (0, (204, 0, 51)),
+    "apple/anim.gif": (0, (60, 180, 75)),
+    "mango/black.png": (1, (0, 0, 0)),
+    "mango/white.png": (1, (255, 255, 255)),
+    "mango/rgba.png": (1, (120, 40, 160)),
+    "mango/palette.png": (1, (240, 130, 20)),
+    "zebra/cmyk.jpg": (2, (20, 200, 90)),
+    "zebra/tiny.png": (2, (170, 170, 30)),
+    "zebra/huge.jpg": (2, (30, 60, 130)),
+}
+BROKEN_FILES = {"apple/truncated.jpg", "zebra/empty.jpg", "zebra/notes.jpg"}
+
+
+def _save(path: pathlib.Path, rgb, mode: str = "RGB", size=(40, 30)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.new("RGB", size, rgb)
+    if mode == "P":
+        image = image.convert("P", palette=Image.Palette.ADAPTIVE)
+    elif mode != "RGB":
+        image = image.convert(mode)
+    if mode == "RGBA":
+        image.putalpha(100)  # a translucent image still decodes to its RGB values
+    image.save(path)
+
+
+@pytest.fixture(scope="module")
+def odd_folder(tmp_path_factory) -> pathlib.Path:
+    """train/{apple,mango,zebra}: every format and colour mode, 3 broken files; validation: 7."""
+    root = tmp_path_factory.mktemp("odd")
+    modes = {"gray": "L", "palette": "P", "anim": "P", "rgba": "RGBA", "cmyk": "CMYK"}
+    for name, (_, rgb) in TRAIN_FILES.items():
+        mode = modes.get(pathlib.Path(name).stem, "RGB")
+        size = {"tiny": (1, 1), "huge": (3000, 2000)}.get(pathlib.Path(name).stem, (40, 30))
+        _save(root / "train" / name, rgb, mode, size)
+    good = (root / "train/apple/red.jpg").read_bytes()
+    (root / "train/apple/truncated.jpg").write_bytes(good[: len(good) // 2])
+    (root / "train/zebra/empty.jpg").write_bytes(b"")
+    (root / "train/zebra/notes.jpg").write_text("not an image")
+    (root / "train/zebra/readme.txt").write_text("ignored: not an image extension")
+    for i, class_name in enumerate(["apple"] * 3 + ["mango"] * 2 + ["zebra"] * 2):
+        _save(root / "validation" / class_name / f"{i}.png", (i * 30, 0, 0))
+    return root
+
+
+@pytest.fixture(scope="module")
+def noise_folder(tmp_path_factory) -> pathlib.Path:
+    """train/a: 15 and train/b: 10 random-noise PNGs (each unique), no validation split."""
+    root = tmp_path_factory.mktemp("noise")
+    rng = np.random.default_rng(0)
+    for class_name, count in [("a", 15), ("b", 10)]:
+        (root / "train" / class_name).mkdir(parents=True)
+        for i in range(count):
+            pixels = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / "train" / class_name / f"{i}.png")
+    return root
+
+
+def _eval_all(dataset, split, **kwargs) -> dict[str, np.ndarray]:
+    options = dict(batch_size=4, image_size=32, preprocessing="unit") | kwargs
+    batches = list(data.eval_batches(dataset, split, **options))
+    out = {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
+    return {key: value[out["mask"]] for key, value in out.items()}
+
+
+def _train(dataset, **kwargs) -> list[dict[str, np.ndarray]]:
+    options = dict(batch_size=4, image_size=32, preprocessing="tf", augment=True, seed=7, epoch=0)
+    return list(data.train_batches(dataset, **(options | kwargs)))
+
+
+def _assert_same(batches_a, batches_b) -> None:
+    assert len(batches_a) == len(batches_b)
+    for a, b in zip(batches_a, batches_b, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_import_does_no_io_and_no_tensorflow():
+    code = "import sys, flaxcnn.data; assert 'tensorflow' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_every_format_decodes_and_broken_files_are_skipped(odd_folder):
+    dataset = data.open_dataset(str(odd_folder))
+    assert dataset.name == str(odd_folder.resolve())
+    assert dataset.class_names == ("apple", "mango", "zebra")
+    assert dataset.split_sizes == {"train": len(TRAIN_FILES), "validation": 7}
+    assert set(dataset.skipped) == {f"train/{name}" for name in BROKEN_FILES}
+    assert any(
+        note.startswith("skipped 3 unreadable images, e.g. train/") for note in dataset.notes
+    )
+
+    out = _eval_all(dataset, "train", image_size=(40, 48))
+    assert out["image"].shape == (len(TRAIN_FILES), 40, 48, 3)
+    assert out["image"].dtype == np.float32 and out["label"].dtype == np.int32
+    assert 0.0 <= out["image"].min() and out["image"].max() <= 1.0
+    # Each decoded image is the uniform colour of exactly one file of its class.
+    colours = out["image"].reshape(len(TRAIN_FILES), -1, 3) * 255.0
+    assert np.ptp(colours, axis=1).max() < 6.0
+    decoded = sorted(zip(out["label"].tolist(), colours.mean(axis=1).tolist(), strict=True))
+    for (label, rgb), (want_label, want_rgb) in zip(
+        decoded, sorted(TRAIN_FILES.values()), strict=True
+    ):
+        assert label == want_label
+        np.testing.assert_allclose(rgb, want_rgb, atol=4.0)
+
+
+def test_tf_scaling_spans_minus_one_to_one(odd_folder):
+    dataset = data.open_dataset(str(odd_folder))
+    images = _eval_all(dataset, "train", preprocessing="tf")["image"]
+    assert images.min() == -1.0 and images.max() == 1.0  # the black and the white PNG
+    assert -1.0 <= images.min() and images.max() <= 1.0
+    pixels = np.array([0, 51, 255], np.uint8)
+    np.testing.assert_allclose(data.scale_images(pixels, "tf"), [-1.0, 51 / 127.5 - 1, 1.0])
+    np.testing.assert_allclose(data.scale_images(pixels, "unit"), [0.0, 0.2, 1.0])
+    with pytest.raises(data.DataError, match="preprocessing"):
+        data.scale_images(pixels, "caffe")
+
+
+def test_eval_counts_every_example_once(odd_folder):
+    dataset = data.open_dataset(str(odd_folder))
+    assert data.num_batches(dataset, "validation", 4, drop_remainder=False) == 2
+    assert data.num_batches(dataset, "validation", 4, drop_remainder=True) == 1
+    batches = list(
+        data.eval_batches(dataset, "validation", batch_size=4, image_size=32, preprocessing="unit")
+    )
+    assert [b["mask"].tolist() for b in batches] == [[True] * 4, [True] * 3 + [False]]
+    labels = np.concatenate([b["label"][b["mask"]] for b in batches])
+    np.testing.assert_array_equal(labels, [0, 0, 0, 1, 1, 2, 2])
+    assert all(b["image"].shape == (4, 32, 32, 3) for b in batches)
+    assert batches[1]["image"][3].max() == 0.0  # padding is black
+    # Two processes each take half of every global batch; together they still see each one once.
+    shards = [
+        list(
+            data.eval_batches(
+                dataset,
+                "validation",
+                batch_size=4,
+                image_size=32,
+                preprocessing="unit",
+                process_index=index,
+                process_count=2,
+            )
+        )
+        for index in range(2)
+    ]
+    assert [len(s) for s in shards] == [2, 2]
+    assert sum(int(b["mask"].sum()) for s in shards for b in s) == 7
+
+
+def test_train_batches_are_a_pure_function_of_seed_and_epoch(noise_folder):
+    dataset = data.open_dataset(str(noise_folder))
+    epoch0 = _train(dataset)
+    assert len(epoch0) == data.num_batches(dataset, "train", 4, drop_remainder=True) == 5
+    assert epoch0[0]["image"].shape == (4, 32, 32, 3) and set(epoch0[0]) == {"image", "label"}
+    _assert_same(epoch0, _train(dataset))
+    _assert_same(epoch0, _train(data.open_dataset(str(noise_folder))))  # a fresh process
+    _assert_same(epoch0[2:], _train(dataset, start_batch=2))
+    assert _train(dataset, start_batch=5) == []
+    epoch1 = _train(dataset, epoch=1)
+    order = lambda batches: np.concatenate([b["image"][:, 16, 16, 0] for b in batches])
+    assert not np.array_equal(order(epoch0), order(epoch1))
+
+
+def test_augmentation_changes_images_and_off_matches_eval(noise_folder):
+    dataset = data.open_dataset(str(noise_folder))
+    plain = _train(dataset, augment=False)
+    augmented = _train(dataset, augment=True)
+    evaluated = {
+        image.tobytes() for image in _eval_all(dataset, "train", preprocessing="tf")["image"]
+    }
+    for b_plain, b_augmented in zip(plain, augmented, strict=True):
+        np.testing.assert_array_equal(b_plain["label"], b_augmented["label"])  # same order
+        assert all(image.tobytes() in evaluated for image in b_plain["image"])
+        change = np.abs(b_plain["image"] - b_augmented["image"]).mean(axis=(1, 2, 3))
+        assert (change > 0.1).all()
+
+
+def test_rotation_matches_keras_random_rotation():
+    tf_keras = pytest.importorskip("tf_keras")
+    tf = pytest.importorskip("tensorflow")
+    images = np.random.default_rng(1).uniform(0, 255, (1, 37, 53, 3)).astype(np.float32)
+    for angle in [0.3, -1.2, 0.2 * 2 * math.pi]:
+        fraction = angle / (2 * math.pi)
+        layer = tf_keras.layers.RandomRotation((fraction, fraction))  # fill_mode='reflect'
+        want = layer(images, training=True).numpy()
+        got = data._rotate(tf.constant(images), tf.constant([angle])).numpy()
+        np.testing.assert_allclose(got, want, atol=1e-3)
+
+
+def test_missing_validation_split_is_carved_deterministically(noise_folder):
+    dataset = data.open_dataset(str(noise_folder), validation_fraction=0.2, split_seed=3)
+    assert dataset.split_sizes == {"train": 20, "validation": 5}
+    assert any("no validation split: held out 5 of 25" in note for note in dataset.notes)
+    validation = _eval_all(dataset, "validation")
+    np.testing.assert_array_equal(np.bincount(validation["label"]), [3, 2])  # stratified
+    train_images = {image.tobytes() for image in _eval_all(dataset, "train")["image"]}
+    held_out = [image.tobytes() for image in validation["image"]]
+    assert not train_images & set(held_out) and len(train_images) == 20
+    again = data.open_dataset(str(noise_folder), validation_fraction=0.2, split_seed=3)
+    assert [image.tobytes() for image in _eval_all(again, "validation")["image"]] == held_out
+    other = data.open_dataset(str(noise_folder), validation_fraction=0.2, split_seed=4)
+    assert [image.tobytes() for image in _eval_all(other, "validation")["image"]] != held_out
+
+
+def test_process_shards_partition_each_global_batch(noise_folder):
+    dataset = data.open_dataset(str(noise_folder))
+    single = _train(dataset, seed=1, epoch=2)
+    shards = [_train(dataset, seed=1, epoch=2, process_index=i, process_count=2) for i in range(2)]
+    assert len(shards[0]) == len(shards[1]) == len(single)
+    for whole, first, second in zip(single, *shards, strict=True):
+        assert first["image"].shape[0] == second["image"].shape[0] == 2
+        for key in whole:
+            np.testing.assert_array_equal(np.concatenate([first[key], second[key]]), whole[key])
+    with pytest.raises(data.DataError, match="divisible"):
+        _train(dataset, process_count=3)
+
+
+def test_uncached_pipeline_gives_the_same_batches(noise_folder):
+    cached = data.open_dataset(str(noise_folder))
+    uncached = data.open_dataset(str(noise_folder), cache_limit_bytes=0)
+    _assert_same(_train(cached, epoch=3, start_batch=1), _train(uncached, epoch=3, start_batch=1))
+
+
+def _folder_without_train(root):
+    _save(root / "cat" / "0.png", (1, 2, 3))
+
+
+def _train_without_classes(root):
+    _save(root / "train" / "0.png", (1, 2, 3))
+
+
+def _empty_class(root):
+    _save(root / "train" / "cat" / "0.png", (1, 2, 3))
+    (root / "train" / "dog").mkdir()
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (_folder_without_train, r"no 'train' split.*move the class folders \['cat'\] into train"),
+        (_train_without_classes, "no class subfolders"),
+        (_empty_class, "dog has no images"),
+    ],
+)
+def test_bad_folders_raise_one_line_data_error(tmp_path, make, message):
+    make(tmp_path)
+    with pytest.raises(data.DataError, match=message) as error:
+        data.open_dataset(str(tmp_path))
+    assert "\n" not in str(error.value) and isinstance(error.value, ValueError)
+
+
+def test_bad_settings_and_sources_raise_one_line_data_error(tmp_path, noise_folder):
+    dataset = data.open_dataset(str(noise_folder))
+    attempts = {
+        "too small": lambda: _train(dataset, image_size=16),
+        "exceeds the 20 training": lambda: _train(dataset, batch_size=32),
+        "no split 'test'": lambda: _eval_all(dataset, "test"),
+        "not a folder": lambda: data.open_dataset(str(noise_folder / "train/a/0.png")),
+        "cats_vs_dogs": lambda: data.open_dataset("cats_vs_dgos", download=False),
+        "not prepared": lambda: data.open_dataset("mnist", data_dir=str(tmp_path), download=False),
+    }
+    for message, attempt in attempts.items():
+        with pytest.raises(data.DataError, match=message) as error:
+            attempt()
+        assert "\n" not in str(error.value)
+    assert not list(tmp_path.iterdir())  # download=False wrote nothing
+
+
+def test_tfds_source_through_mock_data(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=20):
+        dataset = data.open_dataset("cats_vs_dogs", data_dir=str(tmp_path))
+        assert dataset.class_names == ("cat", "dog")
+        assert set(dataset.split_sizes) == {"train", "validation"}  # carved: TFDS has only train
+        assert sum(dataset.split_sizes.values()) == 20 and dataset.split_sizes["validation"] >= 2
+        assert any("no validation split" in note for note in dataset.notes)
+        batch = next(
+            data.train_batches(
+                dataset,
+                batch_size=4,
+                image_size=32,
+                preprocessing="tf",
+                augment=True,
+                seed=0,
+                epoch=0,
+            )
+        )
+    assert batch["image"].shape == (4, 32, 32, 3) and batch["label"].shape == (4,)
+    assert set(batch["label"].tolist()) <= {0, 1}
+
+
+def test_shared_cats_vs_dogs_folder(cats_vs_dogs_dir):
+    dataset = data.open_dataset(str(cats_vs_dogs_dir), cache_limit_bytes=0)
+    assert dataset.class_names == ("cat", "dog")
+    assert dataset.split_sizes == {"train": 1999, "validation": 1000}
+    assert dataset.skipped == () and dataset.notes == ()
+    batch = next(
+        data.train_batches(
+            dataset,
+            batch_size=32,
+            image_size=160,
+            preprocessing="tf",
+            augment=True,
+            seed=0,
+            epoch=0,
+        )
+    )
+    assert batch["image"].shape == (32, 160, 160, 3) and batch["image"].dtype == np.float32
+    assert batch["label"].dtype == np.int32 and 0 < batch["label"].sum() < 32
+    assert -1.0 <= batch["image"].min() < 0.0 < batch["image"].max() <= 1.0

@@ -1,0 +1,147 @@
+"""MobileNetV2 is Keras's MobileNetV2: same layers, same counts, same outputs."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from keras_reference import keras_mobilenet_v2, save_legacy_h5
+
+from flaxcnn import pretrained
+from flaxcnn.models import MobileNetV2, keras_layer_names
+from flaxcnn.weights import WeightsError, read_keras_h5
+
+
+def _count(variables) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables))
+
+
+def _abstract_variables(model, size=(32, 32)):
+    return jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, *size, 3)))
+
+
+@pytest.mark.parametrize(
+    ("include_top", "expected"), [(False, 2_257_984), (True, 3_538_984)]
+)
+def test_variable_count_alpha_1(include_top, expected):
+    variables = _abstract_variables(MobileNetV2(alpha=1.0, include_top=include_top))
+    assert _count(variables) == expected
+
+
+@pytest.mark.parametrize("alpha", [0.35, 0.5, 0.75, 1.3, 1.4])
+def test_variable_count_matches_keras(alpha):
+    keras_model = keras_mobilenet_v2(alpha, (32, 32, 3), include_top=True)
+    variables = _abstract_variables(MobileNetV2(alpha=alpha, include_top=True))
+    assert _count(variables) == keras_model.count_params()
+
+
+def test_layer_names_follow_keras_order(shared_weights):
+    """Our Keras layer list equals the file's ``layer_names`` (weightless layers included)."""
+    import h5py
+
+    with h5py.File(shared_weights) as f:
+        file_names = [n.decode() if isinstance(n, bytes) else n for n in f.attrs["layer_names"]]
+    ours = list(keras_layer_names(1.0, include_top=False))
+    assert ours[1:] == file_names[1:]  # [0] is the input layer, whose name Keras numbers
+    assert len(ours) == 154 and ours[100] == "block_11_expand_relu"
+    weighted = set(_abstract_variables(MobileNetV2(include_top=False))["params"])
+    assert weighted == set(read_keras_h5(shared_weights))
+
+
+PARITY_CASES = [
+    # alpha, input shape (incl. odd and non-square), include_top, pooling
+    (1.0, (96, 96, 3), True, None),
+    (0.35, (64, 64, 3), False, "avg"),
+    (0.5, (75, 61, 3), False, None),
+    (0.75, (32, 48, 3), False, "max"),
+    (1.4, (64, 64, 3), True, None),
+    (1.3, (57, 57, 3), False, "avg"),
+]
+
+
+@pytest.mark.parametrize(("alpha", "shape", "include_top", "pooling"), PARITY_CASES)
+def test_outputs_equal_keras(tmp_path, alpha, shape, include_top, pooling):
+    keras_model = keras_mobilenet_v2(alpha, shape, include_top, pooling, seed=int(alpha * 100))
+    weights = save_legacy_h5(keras_model, tmp_path / "random.h5")
+    images = np.random.default_rng(0).uniform(-1, 1, (3, *shape)).astype(np.float32)
+    expected = keras_model(images, training=False).numpy()
+    assert np.abs(expected).mean() > 0.05  # outputs of order 1, not a vanishing signal
+    for conv_impl in ("lax", "unrolled"):
+        model, variables = pretrained.mobilenet_v2(
+            alpha, shape[:2], include_top, pooling=pooling, weights=weights, conv_impl=conv_impl
+        )
+        got = np.asarray(jax.jit(model.apply)(variables, images))
+        assert got.shape == expected.shape
+        np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0, err_msg=conv_impl)
+
+
+def test_real_weights_on_real_photos_equal_keras(shared_weights, cats_vs_dogs_dir):
+    import tensorflow as tf
+
+    files = sorted((cats_vs_dogs_dir / "validation" / "cat").glob("*.jpg"))[:4]
+    files += sorted((cats_vs_dogs_dir / "validation" / "dog").glob("*.jpg"))[:4]
+    images = np.stack(
+        [tf.image.resize(tf.io.decode_jpeg(f.read_bytes(), channels=3), (160, 160)) for f in files]
+    )
+    images = (images / 127.5 - 1.0).astype(np.float32)
+    keras_model = keras_mobilenet_v2(1.0, (160, 160, 3), False, "avg", weights=shared_weights)
+    expected = keras_model(images, training=False).numpy()
+    model, variables = pretrained.mobilenet_v2(
+        1.0, 160, include_top=False, pooling="avg", weights=shared_weights
+    )
+    got = np.asarray(jax.jit(model.apply)(variables, images))
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+    # Real ImageNet features: sparse, non-negative, clearly not random-init activations.
+    assert got.min() >= 0 and got.std() > 0.3
+
+
+def test_train_mode_updates_batch_stats_and_eval_mode_does_not():
+    model = MobileNetV2(alpha=0.35, include_top=False, pooling="avg")
+    x = jax.random.uniform(jax.random.PRNGKey(1), (4, 32, 32, 3), minval=-1, maxval=1)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
+    apply = jax.jit(model.apply, static_argnames=("train", "mutable"))
+    train_out, updates = apply(variables, x, train=True, mutable=("batch_stats",))
+    moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), variables["batch_stats"],
+                         updates["batch_stats"])
+    assert all(jax.tree.leaves(moved))
+    eval_out = apply(variables, x, train=False)
+    assert not np.allclose(train_out, eval_out)
+
+
+def test_small_input_is_rejected():
+    model = MobileNetV2(include_top=False)
+    with pytest.raises(ValueError, match="at least 32x32"):
+        model.init(jax.random.PRNGKey(0), jnp.zeros((1, 31, 64, 3)))
+
+
+def test_truncated_file_gives_clear_error(tmp_path, shared_weights):
+    truncated = tmp_path / "truncated.h5"
+    truncated.write_bytes(shared_weights.read_bytes()[: 3_000_000])
+    with pytest.raises(WeightsError, match=r"truncated\.h5 is not a readable Keras HDF5 file"):
+        pretrained.mobilenet_v2(1.0, 96, include_top=False, weights=truncated)
+
+
+def test_other_alpha_names_first_mismatching_layer(shared_weights):
+    with pytest.raises(WeightsError) as error:
+        pretrained.mobilenet_v2(0.5, 96, include_top=False, weights=shared_weights)
+    message = str(error.value)
+    assert "\n" not in message
+    assert "'params/Conv1/kernel' has shape (3, 3, 3, 32) in the file but (3, 3, 3, 16)" in message
+
+
+def test_top_requested_from_no_top_file_is_missing_predictions(shared_weights):
+    with pytest.raises(WeightsError, match="'params/predictions/bias' is missing"):
+        pretrained.mobilenet_v2(1.0, 96, include_top=True, weights=shared_weights)
+
+
+def test_new_head_leaves_only_the_classifier_unloaded(shared_weights):
+    _, reference = pretrained.mobilenet_v2(1.0, 96, include_top=False, weights=shared_weights)
+    _, variables = pretrained.mobilenet_v2(
+        1.0, 96, include_top=True, num_classes=5, weights=shared_weights
+    )
+    assert variables["params"]["predictions"]["kernel"].shape == (1280, 5)
+    for collection in ("params", "batch_stats"):
+        for layer, leaves in reference[collection].items():
+            for name, value in leaves.items():
+                np.testing.assert_array_equal(variables[collection][layer][name], value)
