@@ -37,10 +37,9 @@ class DataError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class _Split:
     labels: np.ndarray  # int32 [n], in the split's fixed order
-    paths: np.ndarray | None = None  # folder source: file path per example
-    tfds_split: str | None = None  # TFDS source: which split, and the kept positions in it
-    indices: np.ndarray | None = None
-    source_size: int = 0
+    keys: np.ndarray  # file paths (folder source) or positions in ``tfds_split`` (TFDS source)
+    tfds_split: str | None = None
+    tfds_size: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,26 +172,20 @@ def _carve(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, 
     return np.setdiff1d(np.arange(len(labels)), validation), validation
 
 
-def _finish_open(name, class_names, splits, skipped, carve, fraction, seed, **fields):
+def _finish_open(name, class_names, splits, skipped, fraction, seed, **fields) -> ImageDataset:
     notes = []
-    if carve:
+    if "validation" not in splits:
         train = splits["train"]
         keep, held_out = _carve(train.labels, fraction, seed)
-        pick = lambda at: dataclasses.replace(
-            train,
-            labels=train.labels[at],
-            paths=None if train.paths is None else train.paths[at],
-            indices=None if train.indices is None else train.indices[at],
-        )
+        pick = lambda at: dataclasses.replace(train, labels=train.labels[at], keys=train.keys[at])
         splits = {**splits, "train": pick(keep), "validation": pick(held_out)}
         notes.append(
             f"{name} has no validation split: held out {len(held_out)} of {len(train.labels)} "
             f"training examples ({fraction:.0%} of each class, split_seed={seed}) as 'validation'"
         )
     if skipped:
-        notes.append(
-            f"skipped {len(skipped)} unreadable image{'s' * (len(skipped) > 1)}, e.g. {skipped[0]}"
-        )
+        plural = "s" * (len(skipped) > 1)
+        notes.append(f"skipped {len(skipped)} unreadable image{plural}, e.g. {skipped[0]}")
     sizes = {split: len(s.labels) for split, s in splits.items()}
     return ImageDataset(
         name, tuple(class_names), sizes, tuple(skipped), tuple(notes), _splits=splits, **fields
@@ -206,43 +199,39 @@ def _open_folder(root: pathlib.Path, fraction: float, seed: int, **fields) -> Im
         found = sorted(p.name for p in root.iterdir() if p.is_dir())[:5]
         hint = f"move the class folders {found} into train/" if found else "it has no subfolders"
         raise DataError(f"image folder {root} has no 'train' split: {layout}; {hint}")
-    class_names = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    # Hidden folders (.ipynb_checkpoints, ...) are never classes.
+    class_names = sorted(
+        p.name for p in (root / "train").iterdir() if p.is_dir() and p.name[0] != "."
+    )
     if not class_names:
         raise DataError(f"{root}/train has no class subfolders: {layout}")
-    listed = {}
+    listing = []  # (split, path, label)
     for split in ("train", "validation", "test"):
         if not (root / split).is_dir():
             continue
         extra = {p.name for p in (root / split).iterdir() if p.is_dir()} - set(class_names)
         if extra:
             raise DataError(f"{root}/{split} has classes {sorted(extra)} missing from train/")
-        for label, class_name in enumerate(class_names):
-            class_dir = root / split / class_name
-            if not class_dir.is_dir():
-                continue
+        for label, class_dir in enumerate(root / split / name for name in class_names):
             files = sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-            if not files:
+            if class_dir.is_dir() and not files:
                 raise DataError(
                     f"class folder {class_dir} has no images ({'/'.join(IMAGE_EXTENSIONS)}): "
                     "add some or remove the folder"
                 )
-            listed.setdefault(split, []).extend((str(p), label) for p in files)
-    all_paths = np.array([p for examples in listed.values() for p, _ in examples])
-    all_labels = np.array([label for examples in listed.values() for _, label in examples])
-    read = tf.data.Dataset.from_tensor_slices((np.arange(len(all_paths)), all_paths, all_labels))
-    ok = np.zeros(len(all_paths), bool)
-    ok[_readable(read.map(lambda i, path, label: (i, tf.io.read_file(path), label)))[0]] = True
-    skipped = [str(pathlib.Path(p).relative_to(root)) for p in all_paths[~ok]]
-    splits, start = {}, 0
-    for split, examples in listed.items():
-        keep = ok[start : start + len(examples)]
-        splits[split] = _Split(
-            labels=all_labels[start : start + len(examples)][keep].astype(np.int32),
-            paths=all_paths[start : start + len(examples)][keep],
+            listing += [(split, str(path), label) for path in files]
+    split_of, paths, labels = (np.array(column) for column in zip(*listing, strict=True))
+    examples = tf.data.Dataset.from_tensor_slices((np.arange(len(paths)), paths, labels))
+    ok = np.zeros(len(paths), bool)
+    ok[_readable(examples.map(lambda i, path, y: (i, tf.io.read_file(path), y)))[0]] = True
+    skipped = [str(pathlib.Path(path).relative_to(root)) for path in paths[~ok]]
+    splits = {
+        split: _Split(
+            labels[(split_of == split) & ok].astype(np.int32), paths[(split_of == split) & ok]
         )
-        start += len(examples)
-    carve = "validation" not in splits
-    return _finish_open(str(root), class_names, splits, skipped, carve, fraction, seed, **fields)
+        for split in dict.fromkeys(split_of)
+    }
+    return _finish_open(str(root), class_names, splits, skipped, fraction, seed, **fields)
 
 
 def _tfds_examples(builder, split: str):
@@ -265,14 +254,17 @@ def _tfds():
 
 def _open_tfds(name: str, data_dir, download: bool, fraction, seed, **fields) -> ImageDataset:
     tfds = _tfds()
-    fix = "pass --data-dir with a prepared copy (tfds build NAME --data_dir DIR) or an image folder"
+    fix = f"pass --data-dir with a prepared copy (tfds build {name} --data_dir DIR) or a folder"
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
         known = tfds.list_builders(with_community_datasets=False)
         close = difflib.get_close_matches(name.split(":")[0].split("/")[0], known, n=3)
         hint = f" (close names: {', '.join(close)})" if close else ""
-        raise DataError(f"unknown TFDS dataset {name!r}{hint} and no such folder; {fix}") from None
+        raise DataError(
+            f"unknown TFDS dataset {name!r}{hint} and no folder of that name: pass a TFDS name "
+            "(https://www.tensorflow.org/datasets/catalog) or an image folder (DIR/train/<class>/)"
+        ) from None
     except Exception as error:
         raise DataError(f"cannot open TFDS dataset {name!r}: {_one_line(error)}; {fix}") from None
     if not builder.is_prepared():
@@ -293,7 +285,9 @@ def _open_tfds(name: str, data_dir, download: bool, fraction, seed, **fields) ->
     if "train" not in split_names:
         raise DataError(f"TFDS dataset {name!r} has no 'train' split ({split_names}); {fix}")
     label_key = (builder.info.supervised_keys or ("image", "label"))[1]
-    class_names = builder.info.features[label_key].names
+    class_names = getattr(builder.info.features[label_key], "names", None)
+    if not class_names:
+        raise DataError(f"TFDS dataset {name!r} has no class-label feature {label_key!r}; {fix}")
     splits, skipped = {}, []
     for split in ("train", "validation", "test"):
         if split not in split_names:
@@ -304,10 +298,9 @@ def _open_tfds(name: str, data_dir, download: bool, fraction, seed, **fields) ->
             size = int(examples.reduce(0, lambda count, _: count + 1))
         kept, labels = _readable(examples.enumerate().map(lambda i, ex: (i, ex[0], ex[1])))
         skipped += [f"{split}[{i}]" for i in np.setdiff1d(np.arange(size), kept)]
-        splits[split] = _Split(labels=labels, tfds_split=split, indices=kept, source_size=size)
-    carve = "validation" not in splits
+        splits[split] = _Split(labels, kept, tfds_split=split, tfds_size=size)
     return _finish_open(
-        name, class_names, splits, skipped, carve, fraction, seed, _builder=builder, **fields
+        name, class_names, splits, skipped, fraction, seed, _builder=builder, **fields
     )
 
 
@@ -359,11 +352,11 @@ def _split(dataset: ImageDataset, split: str) -> _Split:
 def _encoded(dataset: ImageDataset, split: str):
     """The split's encoded images, in its fixed order."""
     tf, source = _tf(), _split(dataset, split)
-    if source.paths is not None:
-        paths = tf.data.Dataset.from_tensor_slices(source.paths)
+    if source.tfds_split is None:
+        paths = tf.data.Dataset.from_tensor_slices(source.keys)
         return paths.map(tf.io.read_file, num_parallel_calls=tf.data.AUTOTUNE)
-    keep = np.zeros(source.source_size, bool)
-    keep[source.indices] = True
+    keep = np.zeros(source.tfds_size, bool)
+    keep[source.keys] = True
     examples = _tfds_examples(dataset._builder, source.tfds_split).enumerate()
     return examples.filter(lambda i, _: tf.gather(keep, i)).map(lambda _, example: example[0])
 
@@ -381,8 +374,8 @@ def _image_loader(dataset: ImageDataset, split: str, hw: tuple[int, int]):
             dataset._memo[key] = tf.concat(chunks or [tf.zeros([0, *hw, 3], tf.uint8)], 0)
         images = dataset._memo[key]
         return lambda position: tf.gather(images, position)
-    if source.paths is not None:  # too big to cache: random access through the file paths
-        paths = tf.constant(source.paths)
+    if source.tfds_split is None:  # too big to cache: random access through the file paths
+        paths = tf.constant(source.keys)
         return lambda position: _decode_resize(tf.io.read_file(tf.gather(paths, position)), hw)
     if split not in dataset._memo:  # TFDS records have no random access; hold the encoded bytes
         dataset._memo[split] = tf.concat(list(_encoded(dataset, split).batch(1024)), 0)

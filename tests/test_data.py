@@ -114,7 +114,7 @@ def test_every_format_decodes_and_broken_files_are_skipped(odd_folder):
     out = _eval_all(dataset, "train", image_size=(40, 48))
     assert out["image"].shape == (len(TRAIN_FILES), 40, 48, 3)
     assert out["image"].dtype == np.float32 and out["label"].dtype == np.int32
-    assert 0.0 <= out["image"].min() and out["image"].max() <= 1.0
+    assert out["image"].min() >= 0.0 and out["image"].max() <= 1.0
     # Each decoded image is the uniform colour of exactly one file of its class.
     colours = out["image"].reshape(len(TRAIN_FILES), -1, 3) * 255.0
     assert np.ptp(colours, axis=1).max() < 6.0
@@ -130,7 +130,7 @@ def test_tf_scaling_spans_minus_one_to_one(odd_folder):
     dataset = data.open_dataset(str(odd_folder))
     images = _eval_all(dataset, "train", preprocessing="tf")["image"]
     assert images.min() == -1.0 and images.max() == 1.0  # the black and the white PNG
-    assert -1.0 <= images.min() and images.max() <= 1.0
+    assert images.min() >= -1.0 and images.max() <= 1.0
     pixels = np.array([0, 51, 255], np.uint8)
     np.testing.assert_allclose(data.scale_images(pixels, "tf"), [-1.0, 51 / 127.5 - 1, 1.0])
     np.testing.assert_allclose(data.scale_images(pixels, "unit"), [0.0, 0.2, 1.0])
@@ -194,7 +194,7 @@ def test_augmentation_changes_images_and_off_matches_eval(noise_folder):
         np.testing.assert_array_equal(b_plain["label"], b_augmented["label"])  # same order
         assert all(image.tobytes() in evaluated for image in b_plain["image"])
         change = np.abs(b_plain["image"] - b_augmented["image"]).mean(axis=(1, 2, 3))
-        assert (change > 0.1).all()
+        assert (change > 0.01).all() and change.mean() > 0.2  # noise: any rotation shows
 
 
 def test_rotation_matches_keras_random_rotation():
@@ -296,19 +296,13 @@ def test_tfds_source_through_mock_data(tmp_path):
         assert set(dataset.split_sizes) == {"train", "validation"}  # carved: TFDS has only train
         assert sum(dataset.split_sizes.values()) == 20 and dataset.split_sizes["validation"] >= 2
         assert any("no validation split" in note for note in dataset.notes)
-        batch = next(
-            data.train_batches(
-                dataset,
-                batch_size=4,
-                image_size=32,
-                preprocessing="tf",
-                augment=True,
-                seed=0,
-                epoch=0,
-            )
-        )
-    assert batch["image"].shape == (4, 32, 32, 3) and batch["label"].shape == (4,)
-    assert set(batch["label"].tolist()) <= {0, 1}
+        batches = _train(dataset, image_size=(32, 40))
+        # Too big to cache: the encoded TFDS records are held instead; same batches.
+        uncached = data.open_dataset("cats_vs_dogs", data_dir=str(tmp_path), cache_limit_bytes=0)
+        _assert_same(batches, _train(uncached, image_size=(32, 40)))
+    assert len(batches) == dataset.split_sizes["train"] // 4
+    assert batches[0]["image"].shape == (4, 32, 40, 3) and batches[0]["label"].shape == (4,)
+    assert set(np.concatenate([b["label"] for b in batches]).tolist()) <= {0, 1}
 
 
 def test_shared_cats_vs_dogs_folder(cats_vs_dogs_dir):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import http.client
 import os
 import pathlib
 import shutil
@@ -112,8 +113,10 @@ def fetch(
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise WeightsError(f"cannot create the weights cache {folder} ({e.strerror}); "
-                           f"set {CACHE_ENV} to a writable folder") from None
+        raise WeightsError(
+            f"cannot create the weights cache {folder} ({e.strerror}); "
+            f"set {CACHE_ENV} to a writable folder"
+        ) from None
     with _locked(folder / f".{spec.filename}.lock"):
         if target.exists():
             problem = _problem_with(target, spec)
@@ -129,8 +132,11 @@ def fetch(
             raise WeightsError(f"weights {spec.filename} are not cached (offline); " + offline_hint)
         try:
             _download(url, target, timeout)
-        except (urllib.error.URLError, OSError, TimeoutError) as e:
-            reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or e
+        # HTTPException: a connection cut mid-body (IncompleteRead) is not an OSError;
+        # ValueError: a malformed --url ("unknown url type").
+        except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as e:
+            reason = getattr(e, "reason", None) or getattr(e, "strerror", None)
+            reason = reason or str(e) or type(e).__name__
             raise WeightsError(f"could not download {url} ({reason}); " + offline_hint) from None
         problem = _problem_with(target, spec)
         if problem is not None:
@@ -161,8 +167,9 @@ def resolve(
     if os.fspath(weights) != "imagenet":
         path = pathlib.Path(weights).expanduser()
         if not path.is_file():
-            raise WeightsError(f"weights file {path} does not exist; pass an existing .h5 file "
-                               "or 'imagenet'")
+            raise WeightsError(
+                f"weights file {path} does not exist; pass an existing .h5 file or 'imagenet'"
+            )
         return path.resolve()
     env = os.environ.get(WEIGHTS_ENV)
     if env:
@@ -170,7 +177,9 @@ def resolve(
         if path.is_dir():
             path = path / spec.filename
         if not path.is_file():
-            raise WeightsError(f"{WEIGHTS_ENV}={env} but {path} does not exist; "
-                               f"point it at {spec.filename} or a folder holding it")
+            raise WeightsError(
+                f"{WEIGHTS_ENV}={env} but {path} does not exist; "
+                f"point it at {spec.filename} or a folder holding it"
+            )
         return path.resolve()
     return fetch(spec, cache, download=download)

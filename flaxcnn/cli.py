@@ -1,0 +1,170 @@
+"""Shared command-line plumbing: TrainConfig flags, logging, errors as one line, workdirs.
+
+The experiment entry points (``flaxcnn.experiments.transfer``, ``.simple_cnn``) only choose
+defaults and which flags to show; everything a run does lives in ``flaxcnn.run.fit``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import pathlib
+import shutil
+import sys
+from collections.abc import Sequence
+
+from flaxcnn import checkpoints, config as config_lib, data, metrics
+from flaxcnn.weights import WeightsError
+
+log = logging.getLogger("flaxcnn")
+
+HELP = {
+    "data": "TFDS dataset name (e.g. cats_vs_dogs, cifar10) or a class-per-folder image "
+    "directory with train/<class>/*, validation/<class>/* and optionally test/<class>/*",
+    "data_dir": "TFDS data directory (for manually downloaded/prepared datasets)",
+    "download": "allow downloads of TFDS data and weights (--no-download: offline, never "
+    "touch the network)",
+    "image_size": "square input size in pixels (>= 32)",
+    "batch_size": "global batch size (divided over all devices)",
+    "augment": "random flip + rotation (+-72 deg) on training images",
+    "validation_fraction": "fraction of train carved off (seeded, stratified) when the "
+    "dataset has no validation split",
+    "model": "architecture",
+    "alpha": "MobileNetV2 width multiplier",
+    "weights": "'imagenet' (honours $FLAXCNN_WEIGHTS and the cache $FLAXCNN_CACHE), a Keras "
+    ".h5 path, or 'none' for random init",
+    "dropout_rate": "dropout before the classifier",
+    "dtype": "computation dtype; params, optimizer state and BatchNorm statistics stay float32",
+    "conv_impl": "convolution formulation (auto: fastest for the backend; results identical)",
+    "head_epochs": "epochs of phase 1 (feature extraction: frozen backbone)",
+    "head_learning_rate": "Adam learning rate of phase 1",
+    "feature_cache": "phase 1 on cached backbone features (auto: on; the head phase then "
+    "trains without augmentation)",
+    "early_stopping_patience": "stop a phase after this many epochs without validation "
+    "accuracy improvement (0: off)",
+    "finetune_epochs": "epochs of phase 2 (fine-tuning); numbering continues from phase 1",
+    "finetune_learning_rate": "Adam learning rate of phase 2",
+    "fine_tune_at": "first trainable backbone layer in phase 2: Keras layer index (100 as in "
+    "the TensorFlow tutorial) or a layer/block name (block_11, Conv_1)",
+    "weight_decay": "decoupled weight decay on trainable kernels (AdamW); frozen leaves "
+    "stay bit-identical",
+    "seed": "seed of initialisation, data order, augmentation and dropout",
+    "keep_checkpoints": "resumable checkpoints kept (the best one is kept separately)",
+    "log_every": "steps between progress-bar metric updates",
+}
+USER_ERRORS = (
+    config_lib.ConfigError, data.DataError, WeightsError, checkpoints.CheckpointError,
+    metrics.NonFiniteLossError, OSError,
+)  # fmt: skip
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse prints usage + message; we print one line
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser(prog: str, description: str, defaults: config_lib.TrainConfig,
+                 flags: Sequence[str]) -> argparse.ArgumentParser:  # fmt: skip
+    """A parser with one flag per named TrainConfig field, plus the run-control flags."""
+    parser = _OneLineParser(prog=prog, description=description,
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    fields = {f.name: f for f in dataclasses.fields(config_lib.TrainConfig)}
+    choices = {"model": config_lib.MODELS, "dtype": config_lib.DTYPES,
+               "feature_cache": config_lib.FEATURE_CACHE}  # fmt: skip
+    for name in flags:
+        default = getattr(defaults, name)
+        flag = "--" + name.replace("_", "-")
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                                help=HELP[name])  # fmt: skip
+            continue
+        kind = {"int": int, "float": float}.get(str(fields[name].type), str)
+        parser.add_argument(flag, type=kind, default=default, help=HELP[name],
+                            choices=choices.get(name), metavar=None if name in choices else
+                            name.upper())  # fmt: skip
+    parser.add_argument("--workdir", default=None,
+                        help="output folder (default: checkpoints/<data name>_<model>)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --workdir from its latest checkpoint")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete an existing non-empty --workdir first")
+    parser.add_argument("--no-compilation-cache", action="store_true",
+                        help="disable JAX's persistent compilation cache")
+    parser.add_argument("--distributed", action="store_true",
+                        help="call jax.distributed.initialize() (multi-host: reads the "
+                        "coordinator/process settings from the cluster environment or "
+                        "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)")
+    return parser
+
+
+def _prepare_workdir(path: pathlib.Path, *, resume: bool, overwrite: bool) -> None:
+    if path.exists() and not path.is_dir():
+        raise config_lib.ConfigError(f"--workdir {path} is a file; pass a folder")
+    if path.exists() and any(path.iterdir()) and not resume:
+        if not overwrite:
+            raise config_lib.ConfigError(
+                f"--workdir {path} already holds a run; pass --resume to continue it, "
+                "--overwrite to replace it, or another --workdir")
+        shutil.rmtree(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise config_lib.ConfigError(
+            f"--workdir {path} is not writable ({e.strerror}); pass a writable folder") from None
+
+
+def _enable_compilation_cache() -> None:
+    import jax
+
+    from flaxcnn.weights import cache_dir
+
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "jax"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def main(argv: Sequence[str] | None, *, prog: str, description: str,
+         defaults: config_lib.TrainConfig, flags: Sequence[str]) -> int:  # fmt: skip
+    """Parses flags, runs ``fit`` and turns every user-facing failure into one line."""
+    args = build_parser(prog, description, defaults, flags).parse_args(argv)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO)
+    log.propagate = False  # TensorFlow/absl install root handlers of their own
+    for noisy in ("absl", "jax._src", "orbax", "tensorflow"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    values = {name: getattr(args, name) for name in flags}
+    if "weights" in values and str(values["weights"]).lower() == "none":
+        values["weights"] = None
+    try:
+        config = defaults.replace(**values)
+        default_name = f"{pathlib.Path(config.data).name or 'data'}_{config.model}"
+        workdir = pathlib.Path(args.workdir or pathlib.Path("checkpoints") / default_name)
+        workdir = workdir.expanduser().resolve()
+        if args.distributed:
+            import jax
+
+            jax.distributed.initialize()
+        _prepare_workdir(workdir, resume=args.resume, overwrite=args.overwrite)
+        if not args.no_compilation_cache:
+            _enable_compilation_cache()
+        from flaxcnn.run import Interrupted, fit
+
+        try:
+            summary = fit(config, workdir, resume=args.resume)
+        except Interrupted as e:
+            print(f"{prog}: {e}", file=sys.stderr)
+            return 130
+    except USER_ERRORS as e:
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return 2 if not isinstance(e, metrics.NonFiniteLossError) else 3
+    print(f"best validation accuracy {summary['best_val_accuracy']:.4f}; results in {workdir}")
+    return 0
+
+

@@ -1,0 +1,1 @@
+"""Command-line experiments: ``python -m flaxcnn.experiments.transfer`` / ``.simple_cnn``."""

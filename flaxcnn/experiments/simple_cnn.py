@@ -1,0 +1,32 @@
+"""Train the classic SimpleCNN from scratch (every parameter trainable).
+
+    python -m flaxcnn.experiments.simple_cnn --data cifar10
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from flaxcnn import cli
+from flaxcnn.config import TrainConfig
+
+DEFAULTS = TrainConfig(
+    data="cifar10", model="simple_cnn", weights=None, image_size=32, batch_size=64,
+    head_epochs=10, head_learning_rate=1e-3, finetune_epochs=0, dropout_rate=0.0,
+    augment=False,
+)  # fmt: skip
+FLAGS = (
+    "data", "data_dir", "download", "image_size", "batch_size", "head_epochs",
+    "head_learning_rate", "augment", "dropout_rate", "validation_fraction",
+    "early_stopping_patience", "weight_decay", "dtype", "seed", "keep_checkpoints", "log_every",
+)  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli.main(argv, prog="python -m flaxcnn.experiments.simple_cnn",
+                    description=__doc__.splitlines()[0], defaults=DEFAULTS, flags=FLAGS)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

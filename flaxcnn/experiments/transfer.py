@@ -1,0 +1,30 @@
+"""Two-phase transfer learning with a pretrained MobileNetV2: feature extraction, then fine-tuning.
+
+    python -m flaxcnn.experiments.transfer --data cats_vs_dogs
+    python -m flaxcnn.experiments.transfer --data ../shared/data/cats_vs_dogs --no-download
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from flaxcnn import cli
+from flaxcnn.config import TrainConfig
+
+FLAGS = (
+    "data", "data_dir", "download", "weights", "alpha", "image_size", "batch_size",
+    "head_epochs", "head_learning_rate", "feature_cache", "finetune_epochs",
+    "finetune_learning_rate", "fine_tune_at", "early_stopping_patience", "weight_decay",
+    "augment", "dropout_rate", "validation_fraction", "dtype", "conv_impl", "seed",
+    "keep_checkpoints", "log_every",
+)  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli.main(argv, prog="python -m flaxcnn.experiments.transfer",
+                    description=__doc__.splitlines()[0], defaults=TrainConfig(), flags=FLAGS)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

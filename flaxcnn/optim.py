@@ -1,0 +1,125 @@
+"""Optimisers whose frozen parameters are frozen by the optimiser itself.
+
+Every parameter gets a label from ordered ``(regex, label)`` rules over its ``/``-joined
+path (first match wins; an uncovered parameter is an error, so a renamed layer cannot slip
+through). ``optax.multi_transform`` gives ``'trainable'`` leaves Adam(W) and ``'frozen'``
+leaves ``optax.set_to_zero()``, so frozen parameters stay bit-identical whatever the
+gradients; weight decay is masked to trainable kernels. (The train step additionally stops
+gradients at frozen leaves so that XLA never computes their backward pass.)
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import optax
+from flax import traverse_util
+
+from flaxcnn.models.mobilenet_v2 import keras_layer_names
+
+TRAINABLE = "trainable"
+FROZEN = "frozen"
+Rules = Sequence[tuple[str, str]]
+
+
+def path_labels(params: Any, rules: Rules) -> Any:
+    """A tree like ``params`` holding each leaf's label from the first matching rule."""
+    compiled = [(re.compile(pattern), label) for pattern, label in rules]
+    flat = traverse_util.flatten_dict(params)
+    labels = {}
+    for key in flat:
+        path = "/".join(key)
+        label = next((lbl for pattern, lbl in compiled if pattern.fullmatch(path)), None)
+        if label is None:
+            raise ValueError(f"parameter {path!r} matches no freeze rule {list(rules)}")
+        labels[key] = label
+    return traverse_util.unflatten_dict(labels)
+
+
+def fine_tune_layer(fine_tune_at: str | int, alpha: float = 1.0) -> str:
+    """Resolves ``--fine-tune-at`` (Keras layer index or layer/block name) to a layer name.
+
+    Args:
+      fine_tune_at: a Keras layer index (``100``, as in the TensorFlow tutorial: layers
+        ``[100:]`` train), a layer name (``'block_11_expand'``) or a block prefix
+        (``'block_11'``).
+      alpha: width multiplier (the layer list does not depend on it, kept for clarity).
+
+    Returns:
+      The first *weighted* MobileNetV2 layer that trains (``block_11_depthwise`` for 100,
+      since layer 100 itself is a ReLU).
+
+    Raises:
+      ValueError: out of range or unknown name; the message lists the valid range/names.
+    """
+    names = keras_layer_names(alpha, include_top=False)
+    weighted = {n for n in names if not n.endswith(("_relu", "_pad", "_add", "input_1"))}
+    text = str(fine_tune_at)
+    if text.lstrip("-").isdigit():
+        index = int(text)
+        if not 1 <= index < len(names):
+            raise ValueError(
+                f"--fine-tune-at {index} is out of range; MobileNetV2 has Keras layers 1.."
+                f"{len(names) - 1} (or give a name such as block_11 or Conv_1)"
+            )
+    else:
+        matches = [i for i, n in enumerate(names) if n == text or n.startswith(text + "_")]
+        if not matches:
+            blocks = sorted({n.rsplit("_", 1)[0] for n in names if n.startswith("block_")})
+            raise ValueError(
+                f"--fine-tune-at {text!r} names no MobileNetV2 layer; use a Keras layer index "
+                f"or a name like Conv1, expanded_conv, {blocks[0]}..block_16, Conv_1"
+            )
+        index = matches[0]
+    return next(n for n in names[index:] if n in weighted)
+
+
+def transfer_rules(trainable_from: str | None, alpha: float = 1.0) -> list[tuple[str, str]]:
+    """Freeze rules for ``TransferClassifier``: the head trains; the backbone from a layer on.
+
+    Args:
+      trainable_from: first trainable backbone layer (see :func:`fine_tune_layer`), or
+        ``None`` to freeze the whole backbone (feature extraction).
+      alpha: width multiplier.
+    """
+    rules = [(r"head/.*", TRAINABLE)]
+    if trainable_from is not None:
+        names = list(keras_layer_names(alpha, include_top=False))
+        unfrozen = names[names.index(trainable_from) :]
+        rules.append((rf"backbone/({'|'.join(map(re.escape, unfrozen))})/.*", TRAINABLE))
+    rules.append((r".*", FROZEN))
+    return rules
+
+
+ALL_TRAINABLE: Rules = ((r".*", TRAINABLE),)
+
+
+def make_optimizer(
+    learning_rate: float | optax.Schedule, labels: Any, *, weight_decay: float = 0.0
+) -> optax.GradientTransformation:
+    """Adam (AdamW when ``weight_decay > 0``, on trainable kernels only); frozen leaves get 0.
+
+    Args:
+      learning_rate: constant or schedule.
+      labels: tree of :data:`TRAINABLE` / :data:`FROZEN` (see :func:`path_labels`).
+      weight_decay: decoupled weight decay for trainable leaves with ``ndim > 1``.
+    """
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+    trainable = (
+        optax.adamw(learning_rate, weight_decay=weight_decay, mask=decay_mask)
+        if weight_decay
+        else optax.adam(learning_rate)
+    )
+    return optax.multi_transform({TRAINABLE: trainable, FROZEN: optax.set_to_zero()}, labels)
+
+
+def count_by_label(params: Any, labels: Any) -> dict[str, int]:
+    """Number of trainable and frozen scalars."""
+    counts = {TRAINABLE: 0, FROZEN: 0}
+    flat_labels = traverse_util.flatten_dict(labels)
+    for key, value in traverse_util.flatten_dict(params).items():
+        counts[flat_labels[key]] += int(value.size)
+    return counts

@@ -1,0 +1,283 @@
+"""The training engine: TrainState, pure jitted steps, and ``fit(config, workdir)``.
+
+Data flow: ``data`` (numpy batches) -> ``sharding.to_global`` -> jitted ``train_step``
+(``TrainState -> TrainState``, metric sums) -> ``metrics`` / ``checkpoints``. The same engine
+runs the two-phase transfer recipe (feature extraction, then fine-tuning) and SimpleCNN
+training from scratch (one phase, everything trainable).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+from jax import lax
+
+from flaxcnn import metrics, optim, sharding
+
+log = logging.getLogger(__name__)
+
+
+class TrainState(flax.struct.PyTreeNode):
+    """Everything that changes during training; ``tx`` is static (rebuilt per phase)."""
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    rng: jax.Array
+    tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+    @classmethod
+    def create(cls, variables: Mapping[str, Any], tx, rng: jax.Array, step: int = 0):
+        params = variables["params"]
+        return cls(
+            step=jnp.asarray(step, jnp.int32),
+            params=params,
+            batch_stats=variables.get("batch_stats", {}),
+            opt_state=tx.init(params),
+            rng=rng,
+            tx=tx,
+        )
+
+    @property
+    def variables(self) -> dict[str, Any]:
+        out = {"params": self.params}
+        if self.batch_stats:
+            out["batch_stats"] = self.batch_stats
+        return out
+
+    def to_checkpoint(self) -> dict[str, Any]:
+        """The arrays Orbax saves (``tx`` is rebuilt from the config on restore)."""
+        return {
+            "step": self.step,
+            "params": self.params,
+            "batch_stats": self.batch_stats,
+            "opt_state": self.opt_state,
+            "rng": self.rng,
+        }
+
+    def from_checkpoint(self, tree: Mapping[str, Any]) -> TrainState:
+        return self.replace(**dict(tree))
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFns:
+    """A phase's compiled steps; ``apply`` is ``model.apply`` bound to the phase's method."""
+
+    train: Callable
+    evaluate: Callable
+
+
+def train_step(
+    state: TrainState,
+    batch: Mapping[str, jax.Array],
+    *,
+    apply_fn: Callable,
+    frozen: Any,
+    update_batch_stats: bool,
+    input_key: str,
+) -> tuple[TrainState, dict]:
+    """One optimisation step; returns the new state and this batch's metric sums.
+
+    Frozen leaves (``frozen`` is a static bool tree) are passed through ``stop_gradient``
+    so that XLA drops their backward pass entirely, and are left untouched by the update,
+    so they stay bit-identical (``p + 0.0`` would turn ``-0.0`` into ``0.0``).
+    """
+    dropout_rng = jax.random.fold_in(state.rng, state.step)
+
+    def loss_fn(params):
+        params = jax.tree.map(lambda p, f: lax.stop_gradient(p) if f else p, params, frozen)
+        variables = {"params": params}
+        if state.batch_stats:
+            variables["batch_stats"] = state.batch_stats
+        kwargs = dict(train=True, rngs={"dropout": dropout_rng})
+        if update_batch_stats:
+            logits, updates = apply_fn(variables, batch[input_key], mutable=["batch_stats"], **kwargs)
+        else:
+            logits, updates = apply_fn(variables, batch[input_key], **kwargs), {}
+        sums = metrics.classification_sums(logits, batch["label"], batch.get("mask"))
+        return sums["loss_sum"] / jnp.maximum(sums["count"], 1.0), (sums, updates)
+
+    grads, (sums, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
+    deltas, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    params = jax.tree.map(
+        lambda p, d, f: p if f else optax.apply_updates(p, d), state.params, deltas, frozen
+    )
+    batch_stats = updates.get("batch_stats", state.batch_stats)
+    new_state = state.replace(
+        step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+    )
+    return new_state, sums
+
+
+def eval_step(variables: Mapping[str, Any], batch: Mapping[str, jax.Array], *, apply_fn, input_key):
+    """Metric sums of one (padded, masked) batch in inference mode."""
+    logits = apply_fn(dict(variables), batch[input_key], train=False)
+    return metrics.classification_sums(logits, batch["label"], batch.get("mask"))
+
+
+def make_steps(
+    apply_fn: Callable,
+    frozen: Any,
+    mesh: jax.sharding.Mesh,
+    *,
+    update_batch_stats: bool,
+    input_key: str = "image",
+) -> StepFns:
+    """Jits the steps once per phase with explicit shardings and a donated state."""
+    replicated = sharding.replicated(mesh)
+    batch = sharding.batch_sharding(mesh)
+    train = jax.jit(
+        functools.partial(
+            train_step,
+            apply_fn=apply_fn,
+            frozen=frozen,
+            update_batch_stats=update_batch_stats,
+            input_key=input_key,
+        ),
+        in_shardings=(replicated, batch),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
+    evaluate = jax.jit(
+        functools.partial(eval_step, apply_fn=apply_fn, input_key=input_key),
+        in_shardings=(replicated, batch),
+        out_shardings=replicated,
+    )
+    return StepFns(train=train, evaluate=evaluate)
+
+
+def frozen_tree(labels: Any) -> Any:
+    """Static bool tree (True = frozen) from optimiser labels."""
+    return jax.tree.map(lambda label: label == optim.FROZEN, labels)
+
+
+def run_epoch(
+    steps: StepFns,
+    state: TrainState,
+    batches: Iterator[Mapping[str, np.ndarray]],
+    mesh: jax.sharding.Mesh,
+    *,
+    on_step: Callable[[TrainState, dict | None], bool] | None = None,
+) -> tuple[TrainState, dict | None]:
+    """Runs the train step over ``batches``; metric sums stay on the device.
+
+    ``on_step(state, running_sums)`` is called after each step; returning True stops early
+    (used for progress display and preemption).
+    """
+    total = None
+    for batch in batches:
+        state, sums = steps.train(state, sharding.to_global(batch, mesh))
+        total = metrics.add_sums(total, sums)
+        if on_step is not None and on_step(state, total):
+            break
+    return state, total
+
+
+def evaluate(
+    steps: StepFns, variables: Mapping[str, Any], batches, mesh: jax.sharding.Mesh
+) -> dict[str, float]:
+    """Exact example-weighted loss/accuracy over padded, masked batches."""
+    total = None
+    for batch in batches:
+        total = metrics.add_sums(total, steps.evaluate(variables, sharding.to_global(batch, mesh)))
+    if total is None:
+        return {"loss": float("nan"), "accuracy": float("nan"), "count": 0}
+    return metrics.finalize(total)
+
+
+def extract_features(
+    model: nn.Module, variables: Mapping[str, Any], batches, mesh: jax.sharding.Mesh
+) -> dict[str, np.ndarray]:
+    """Runs the frozen backbone once over a split: ``{'features', 'label'}`` of real examples.
+
+    The cached features make the feature-extraction phase cost one forward pass in total
+    instead of one per epoch.
+    """
+    fn = jax.jit(
+        lambda v, x: model.apply(v, x, train=False, method=model.features),
+        in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
+        out_shardings=sharding.replicated(mesh),
+    )
+    features, labels = [], []
+    for batch in batches:
+        images = sharding.to_global({"image": batch["image"]}, mesh)["image"]
+        out = np.asarray(jax.device_get(fn(dict(variables), images)), np.float32)
+        keep = batch.get("mask", np.ones(len(out), bool))
+        features.append(out[keep])
+        labels.append(batch["label"][keep])
+    return {"features": np.concatenate(features), "label": np.concatenate(labels)}
+
+
+def feature_batches(
+    cache: Mapping[str, np.ndarray],
+    batch_size: int,
+    *,
+    seed: int | None,
+    epoch: int = 0,
+    start_batch: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Batches of cached features: shuffled by ``(seed, epoch)`` and dropping the remainder
+    for training (``seed`` given), or in order with a padded, masked last batch."""
+    n = len(cache["label"])
+    local = batch_size // process_count
+    if seed is not None:
+        order = np.random.default_rng([seed, epoch]).permutation(n)
+        count = n // batch_size
+    else:
+        order = np.arange(n)
+        count = -(-n // batch_size)
+    for b in range(start_batch, count):
+        idx = order[b * batch_size : (b + 1) * batch_size]
+        mask = np.ones(batch_size, bool)
+        if len(idx) < batch_size:
+            mask[len(idx) :] = False
+            idx = np.concatenate([idx, np.zeros(batch_size - len(idx), int)])
+        mine = slice(process_index * local, (process_index + 1) * local)
+        out = {"features": cache["features"][idx][mine], "label": cache["label"][idx][mine]}
+        if seed is None:
+            out["mask"] = mask[mine]
+        yield out
+
+
+def describe_phase(
+    name: str, counts: Mapping[str, int], trainable_from: str, bn_mode: str, lr: float, extra: str
+) -> str:
+    """The one line each phase starts with."""
+    return (
+        f"phase {name}: {counts[optim.TRAINABLE]:,} trainable / {counts[optim.FROZEN]:,} frozen "
+        f"parameters; trainable from {trainable_from}; BatchNorm {bn_mode}; "
+        f"learning rate {lr:g}{extra}"
+    )
+
+
+def timed_compile(jitted: Callable, *args) -> tuple[Callable, float]:
+    """AOT-compiles ``jitted`` for ``args`` so compile time is reported apart from step time."""
+    start = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    return compiled, time.perf_counter() - start
+
+
+def warn_if_unscaled(images: np.ndarray, preprocessing: str) -> None:
+    """Warns when a batch looks like raw 0..255 pixels going into a [-1, 1] / [0, 1] model."""
+    if images.size and float(np.max(images)) > 2.0:
+        log.warning(
+            "input batch has values up to %.0f but the model expects %s inputs; "
+            "scale images with flaxcnn.data.scale_images(images, %r)",
+            float(np.max(images)),
+            "[-1, 1]" if preprocessing == "tf" else "[0, 1]",
+            preprocessing,
+        )

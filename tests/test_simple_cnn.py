@@ -1,0 +1,100 @@
+"""SimpleCNN: the seed's PyTorch network by default, with a flatten size that follows the input."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flaxcnn.models import SimpleCNN, build_model
+
+
+def _variables(model: SimpleCNN, height: int, width: int, channels: int = 3):
+    return jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, height, width, channels)))
+
+
+def _count(variables) -> int:
+    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(variables))
+
+
+def _expected_count(height, width, channels=3, features=(16, 32), dense=(256,), classes=10):
+    """Parameter count written out layer by layer, as one would for the PyTorch net."""
+    total, in_channels = 0, channels
+    for width_out in features:
+        total += 3 * 3 * in_channels * width_out + width_out  # conv3x3 kernel + bias
+        in_channels = width_out
+        height, width = height // 2, width // 2  # max-pool 2, floor like PyTorch
+    in_features = height * width * in_channels  # the flatten size
+    for width_out in (*dense, classes):
+        total += in_features * width_out + width_out
+        in_features = width_out
+    return total
+
+
+def test_default_is_the_seed_pytorch_network():
+    # conv 3->16 (448) + conv 16->32 (4,640) + dense 32*8*8->256 (524,544) + dense 256->10 (2,570)
+    assert _count(_variables(SimpleCNN(), 32, 32)) == 532_202
+    assert _expected_count(32, 32) == 532_202
+
+
+@pytest.mark.parametrize(("height", "width"), [(32, 32), (64, 64), (48, 80), (33, 35)])
+def test_flatten_size_follows_the_input(height, width):
+    variables = _variables(SimpleCNN(), height, width)
+    flatten = (height // 4) * (width // 4) * 32
+    assert variables["params"]["dense_0"]["kernel"].shape == (flatten, 256)
+    assert _count(variables) == _expected_count(height, width)
+
+
+def test_64x64_has_four_times_the_flatten_inputs():
+    # Only dense_0 grows: 32*16*16 = 8,192 inputs instead of 2,048, i.e. 6,144 * 256 more weights.
+    assert _count(_variables(SimpleCNN(), 64, 64)) == 532_202 + 6_144 * 256 == 2_105_066
+
+
+@pytest.mark.parametrize(("height", "width"), [(32, 32), (64, 64)])
+def test_output_shape(height, width):
+    model = SimpleCNN(num_classes=7)
+    images = np.random.default_rng(0).uniform(size=(5, height, width, 3)).astype(np.float32)
+    # jit: one compilation instead of one per eager op keeps the test fast on two cores.
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), images)
+    logits = jax.jit(model.apply)(variables, images)
+    assert logits.shape == (5, 7)
+    assert logits.dtype == jnp.float32
+    assert np.all(np.isfinite(logits))
+
+
+def test_configurable_widths_and_grayscale_input():
+    model = SimpleCNN(num_classes=3, features=(8, 16, 24), dense_features=(64, 32))
+    variables = _variables(model, 40, 40, channels=1)
+    params = variables["params"]
+    assert set(params) == {"conv_0", "conv_1", "conv_2", "dense_0", "dense_1", "predictions"}
+    assert params["conv_2"]["kernel"].shape == (3, 3, 16, 24)
+    assert params["dense_0"]["kernel"].shape == (5 * 5 * 24, 64)  # 40 -> 20 -> 10 -> 5
+    assert params["predictions"]["kernel"].shape == (32, 3)
+    expected = _expected_count(40, 40, 1, features=(8, 16, 24), dense=(64, 32), classes=3)
+    assert _count(variables) == expected
+
+
+def test_no_hidden_dense_layer():
+    variables = _variables(SimpleCNN(dense_features=()), 32, 32)
+    assert variables["params"]["predictions"]["kernel"].shape == (32 * 8 * 8, 10)
+
+
+def test_dropout_only_in_train_mode():
+    model = SimpleCNN(dropout_rate=0.5)
+    images = np.random.default_rng(0).uniform(size=(4, 32, 32, 3)).astype(np.float32)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), images)
+    apply = jax.jit(model.apply, static_argnames="train")
+    eval_a = apply(variables, images)
+    eval_b = apply(variables, images, train=False)
+    np.testing.assert_array_equal(eval_a, eval_b)
+    train = apply(variables, images, train=True, rngs={"dropout": jax.random.PRNGKey(2)})
+    assert not np.allclose(train, eval_a)
+
+
+def test_build_model_from_json_config():
+    """Checkpoint metadata stores lists (JSON); the registry turns them back into tuples."""
+    config = {"arch": "simple_cnn", "num_classes": 4, "features": [8, 16], "dense_features": [32]}
+    model = build_model(config)
+    assert model == SimpleCNN(num_classes=4, features=(8, 16), dense_features=(32,))
+    assert _variables(model, 32, 32)["params"]["dense_0"]["kernel"].shape == (16 * 8 * 8, 32)
