@@ -156,7 +156,7 @@ def main(argv: Sequence[str] | None, *, prog: str, description: str,
         from flaxcnn.run import Interrupted, fit
 
         try:
-            summary = fit(config, workdir, resume=args.resume)
+            summary = fit(config, workdir, resume=args.resume).summary
         except Interrupted as e:
             print(f"{prog}: {e}", file=sys.stderr)
             return 130

@@ -37,6 +37,15 @@ log = logging.getLogger(__name__)
 FORMAT = "flaxcnn/1"
 
 
+@dataclasses.dataclass(frozen=True)
+class FitResult:
+    """What ``fit`` returns: the summary written to metrics.json, and the final model."""
+
+    summary: dict[str, Any]
+    model: Any
+    state: train.TrainState | None
+
+
 class Interrupted(RuntimeError):
     """SIGTERM/SIGINT arrived; a checkpoint was saved at the step boundary."""
 
@@ -161,7 +170,7 @@ class _Checkpoints:
         return None
 
 
-def fit(config: TrainConfig, workdir: str | os.PathLike, *, resume: bool = False) -> dict:
+def fit(config: TrainConfig, workdir: str | os.PathLike, *, resume: bool = False) -> FitResult:
     """Trains as ``config`` says, checkpointing into ``workdir``; returns the summary.
 
     Args:
@@ -171,7 +180,8 @@ def fit(config: TrainConfig, workdir: str | os.PathLike, *, resume: bool = False
         state, RNG and data order), if there is one.
 
     Returns:
-      ``{'epochs': history, 'best_val_accuracy', 'test': ... }`` as in metrics.json.
+      The summary (``{'epochs': history, 'best_val_accuracy', 'test'?, ...}`` as in
+      metrics.json), the module and the final TrainState.
     """
     workdir = pathlib.Path(workdir).expanduser().resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -339,7 +349,8 @@ def fit(config: TrainConfig, workdir: str | os.PathLike, *, resume: bool = False
                     "images_per_second": round(train_metrics["count"] / max(seconds, 1e-9), 1),
                 }  # fmt: skip
                 history.append(record)
-                improved = val["accuracy"] > best_accuracy
+                improved = val["accuracy"] >= best_accuracy  # ties: the later, more trained
+
                 best_accuracy = max(best_accuracy, val["accuracy"])
                 stale = 0 if improved else stale + 1
                 last = epoch_in_phase + 1 == phase.epochs or (
@@ -377,7 +388,7 @@ def fit(config: TrainConfig, workdir: str | os.PathLike, *, resume: bool = False
     store.wait()
     if is_main:
         metrics.write_reports(workdir, history, summary=summary)
-    return {"epochs": history, **summary}
+    return FitResult({"epochs": history, **summary}, model, state)
 
 
 def _merge_partial(sums, partial):

@@ -38,3 +38,26 @@ def shared_weights() -> pathlib.Path:
 def cats_vs_dogs_dir() -> pathlib.Path:
     """The real cats-vs-dogs photos: ``train/{cat,dog}`` and ``validation/{cat,dog}``."""
     return _require(SHARED_CATS_VS_DOGS)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _compilation_cache(tmp_path_factory):
+    """Tests build the same MobileNetV2 steps repeatedly: share compiled executables."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax-cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+@pytest.fixture(scope="session")
+def tiny_cats_vs_dogs(cats_vs_dogs_dir, tmp_path_factory) -> pathlib.Path:
+    """A few dozen real photos in the class-per-folder layout (copied to a temp dir)."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("tiny_cats_vs_dogs")
+    for split, count in (("train", 16), ("validation", 8)):
+        for label in ("cat", "dog"):
+            (root / split / label).mkdir(parents=True)
+            for f in sorted((cats_vs_dogs_dir / split / label).glob("*.jpg"))[:count]:
+                shutil.copy(f, root / split / label / f.name)
+    return root

@@ -13,7 +13,6 @@ Errors print one line on stderr and exit with status 2.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import pathlib
 import re
@@ -125,8 +124,8 @@ def infer_model_config(
         raise WeightsError(f"with --alpha {alpha}: {errors[float(alpha)]}")
     first, message = next(iter(errors.items()))
     raise WeightsError(
-        f"{source} fits MobileNetV2 at no alpha in {ALPHAS} (include_top={include_top}); "
-        f"tried {', '.join(map(str, candidates))}, for alpha={first}: {message}"
+        f"no MobileNetV2 with alpha in {ALPHAS} and include_top={include_top} fits; "
+        f"tried {', '.join(map(str, candidates))}; with alpha={first}: {message}"
     )
 
 
@@ -134,14 +133,6 @@ def _default_input_size(path: pathlib.Path) -> int:
     """The resolution a Keras-named file was trained at, else 224."""
     match = _KERAS_NAME.search(path.name)
     return int(match.group(1)) if match else DEFAULT_INPUT_SIZE
-
-
-def _sha256(path: pathlib.Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _is_checkpoint(path: pathlib.Path) -> bool:
@@ -212,7 +203,7 @@ def convert(
         "preprocessing": "tf",  # every published MobileNetV2 file: RGB scaled to [-1, 1]
         "class_names": None,  # Keras files carry no labels
         "source": str(source),
-        "source_sha256": _sha256(source),
+        "source_sha256": cache.sha256_of(source),
     }
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -222,7 +213,12 @@ def convert(
         save_variables(staging, variables, metadata)
         if out.exists():
             out.rename(retired)
-        staging.rename(out)
+        try:
+            staging.rename(out)
+        except OSError:
+            if retired.exists():  # put the checkpoint being replaced back
+                retired.rename(out)
+            raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(retired, ignore_errors=True)
@@ -311,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Errors print one line on stderr and exit with status 2."
         ),
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{list,fetch,convert}")
 
     cache_help = f"cache folder (default ${cache.CACHE_ENV} or ~/.cache/flaxcnn)"
     list_parser = commands.add_parser(

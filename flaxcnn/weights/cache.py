@@ -64,14 +64,28 @@ def _locked(lock_path: pathlib.Path):
             fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
-def _download(url: str, target: pathlib.Path, timeout: float) -> None:
+def _download(url: str, target: pathlib.Path, spec: PretrainedSpec, timeout: float) -> str | None:
+    """Downloads ``url`` to ``target`` via a ``.part`` file; returns why it is unusable, if so.
+
+    The file is renamed into place only once it is complete and verified, so no reader (and
+    no crash) ever sees a half file under the final name.
+    """
     fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
             shutil.copyfileobj(response, out, length=1 << 20)
             out.flush()
             os.fsync(out.fileno())
-        os.replace(tmp_name, target)
+            size = out.tell()
+        # urllib returns a short body without any error when a server closes the connection
+        # early, so the length is checked here rather than left to the HDF5 reader.
+        length = response.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) != size:
+            return f"incomplete: {size:,} of {int(length):,} bytes"
+        problem = _problem_with(pathlib.Path(tmp_name), spec)
+        if problem is None:
+            os.replace(tmp_name, target)
+        return problem
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
@@ -131,16 +145,14 @@ def fetch(
         elif not download:
             raise WeightsError(f"weights {spec.filename} are not cached (offline); " + offline_hint)
         try:
-            _download(url, target, timeout)
+            problem = _download(url, target, spec, timeout)
         # HTTPException: a connection cut mid-body (IncompleteRead) is not an OSError;
         # ValueError: a malformed --url ("unknown url type").
         except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as e:
             reason = getattr(e, "reason", None) or getattr(e, "strerror", None)
             reason = reason or str(e) or type(e).__name__
             raise WeightsError(f"could not download {url} ({reason}); " + offline_hint) from None
-        problem = _problem_with(target, spec)
         if problem is not None:
-            target.unlink()
             raise WeightsError(f"downloaded {url} but it is unusable ({problem}); " + offline_hint)
         return target
 

@@ -1,0 +1,161 @@
+"""The training engine: freezing is exact, evaluation counts every example once, resume is exact."""
+
+from __future__ import annotations
+
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from flaxcnn import checkpoints, optim, sharding, train
+from flaxcnn.config import TrainConfig
+from flaxcnn.models import build_model
+from flaxcnn.run import fit, model_config
+
+SIZE = 32
+
+
+def _transfer_model():
+    config = TrainConfig(alpha=0.35, weights=None, image_size=SIZE)
+    # 'lax' convs compile twice as fast; both formulations are checked against Keras elsewhere.
+    model = build_model(model_config(config, 3), conv_impl="lax")
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, SIZE, SIZE, 3)))
+    return model, variables
+
+
+def _batch(seed, n=8):
+    rng = np.random.default_rng(seed)
+    return {
+        "image": rng.uniform(-1, 1, (n, SIZE, SIZE, 3)).astype(np.float32),
+        "label": rng.integers(0, 3, n).astype(np.int32),
+    }
+
+
+@pytest.mark.parametrize(
+    ("trainable_from", "weight_decay"),
+    [(None, 0.0), ("block_14_expand", 1e-2)],
+)
+def test_frozen_leaves_are_bit_identical_and_trainable_ones_move(trainable_from, weight_decay):
+    model, variables = _transfer_model()
+    rules = optim.transfer_rules(trainable_from, alpha=0.35)
+    labels = optim.path_labels(variables["params"], rules)
+    tx = optim.make_optimizer(1e-2, labels, weight_decay=weight_decay)
+    state = train.TrainState.create(variables, tx, jax.random.PRNGKey(1))
+    start = jax.tree.map(np.array, state.variables)
+    mesh = sharding.make_mesh()
+    steps = train.make_steps(model.apply, train.frozen_tree(labels), mesh, update_batch_stats=False)
+    for seed in range(3):
+        state, _ = steps.train(state, sharding.to_global(_batch(seed), mesh))
+    end = jax.tree.map(np.array, state.variables)
+
+    flat_labels = traverse_util.flatten_dict(labels)
+    moved = frozen_same = 0
+    for key, before in traverse_util.flatten_dict(start["params"]).items():
+        after = traverse_util.flatten_dict(end["params"])[key]
+        if flat_labels[key] == optim.FROZEN:
+            assert before.tobytes() == after.tobytes(), key
+            frozen_same += 1
+        else:
+            assert not np.array_equal(before, after), f"trainable {key} did not move"
+            moved += 1
+    # BatchNorm statistics of the backbone are never updated (inference-mode BN).
+    for key, before in traverse_util.flatten_dict(start["batch_stats"]).items():
+        assert before.tobytes() == traverse_util.flatten_dict(end["batch_stats"])[key].tobytes()
+    assert moved >= 2 and frozen_same > 100
+    if trainable_from is not None:
+        assert flat_labels[("backbone", "block_14_expand", "kernel")] == optim.TRAINABLE
+        assert flat_labels[("backbone", "block_13_project", "kernel")] == optim.FROZEN
+
+
+def test_fine_tune_at_resolves_keras_index_and_names():
+    assert optim.fine_tune_layer("100") == "block_11_depthwise"  # layer 100 is a ReLU
+    assert optim.fine_tune_layer(1) == "Conv1"
+    assert optim.fine_tune_layer("block_11") == "block_11_expand"
+    assert optim.fine_tune_layer("Conv_1") == "Conv_1"
+    with pytest.raises(ValueError, match="out of range"):
+        optim.fine_tune_layer("154")
+    with pytest.raises(ValueError, match="names no MobileNetV2 layer"):
+        optim.fine_tune_layer("block_99")
+
+
+def test_every_parameter_must_match_a_rule():
+    with pytest.raises(ValueError, match="matches no freeze rule"):
+        optim.path_labels({"head": {"kernel": np.zeros(2)}}, [(r"backbone/.*", optim.FROZEN)])
+
+
+def test_evaluation_weights_every_example_once():
+    """7 examples in batches of 4: the padded 8th must not count; result = per-example mean."""
+    model, variables = _transfer_model()
+    mesh = sharding.make_mesh()
+    labels = optim.path_labels(variables["params"], optim.ALL_TRAINABLE)
+    steps = train.make_steps(model.apply, train.frozen_tree(labels), mesh, update_batch_stats=False)
+    data = _batch(0, n=7)
+    logits = np.asarray(jax.jit(model.apply)(variables, data["image"]))
+    log_probs = jax.nn.log_softmax(logits)
+    expected_loss = float(-np.mean(log_probs[np.arange(7), data["label"]]))
+    expected_acc = float(np.mean(logits.argmax(-1) == data["label"]))
+
+    def batches():
+        for start in (0, 4):
+            idx = np.arange(start, start + 4)
+            mask = idx < 7
+            idx = np.where(mask, idx, 0)
+            yield {"image": data["image"][idx], "label": data["label"][idx], "mask": mask}
+
+    result = train.evaluate(steps, variables, batches(), mesh)
+    assert result["count"] == 7
+    np.testing.assert_allclose(result["loss"], expected_loss, rtol=1e-5)
+    assert result["accuracy"] == pytest.approx(expected_acc)
+
+
+def test_feature_batches_cover_each_example_once_when_evaluating():
+    cache = {"features": np.arange(10, dtype=np.float32)[:, None], "label": np.arange(10)}
+    batches = list(train.feature_batches(cache, 4, seed=None))
+    assert [int(b["mask"].sum()) for b in batches] == [4, 4, 2]
+    seen = np.concatenate([b["label"][b["mask"]] for b in batches])
+    np.testing.assert_array_equal(seen, np.arange(10))
+    train_a = list(train.feature_batches(cache, 4, seed=3, epoch=1))
+    train_b = list(train.feature_batches(cache, 4, seed=3, epoch=1, start_batch=1))
+    assert len(train_a) == 2 and np.array_equal(train_a[1]["label"], train_b[0]["label"])
+
+
+def _tiny_config(data_dir, **changes):
+    return TrainConfig(
+        data=str(data_dir), download=False, alpha=0.35, weights=None, image_size=SIZE,
+        batch_size=8, head_epochs=2, finetune_epochs=1, fine_tune_at="block_15",
+        head_learning_rate=1e-2, finetune_learning_rate=1e-3, keep_checkpoints=5,
+        conv_impl="lax",
+    ).replace(**changes)  # fmt: skip
+
+
+def _comparable(history):
+    timing = {"epoch_seconds", "wall_seconds", "images_per_second"}
+    return [{k: v for k, v in h.items() if k not in timing} for h in history]
+
+
+def test_resume_from_mid_run_checkpoint_reaches_identical_results(tiny_cats_vs_dogs, tmp_path):
+    """Head phase on cached features, then fine-tuning on images; resume mid head phase."""
+    config = _tiny_config(tiny_cats_vs_dogs)
+    full = fit(config, tmp_path / "full")
+    assert [h["phase"] for h in full.summary["epochs"]] == ["head", "head", "finetune"]
+    assert [h["epoch"] for h in full.summary["epochs"]] == [1, 2, 3]
+
+    # Keep only the checkpoint written after epoch 1, as if the run had died during epoch 2.
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(
+        tmp_path / "full" / checkpoints.LATEST_DIR, resumed_dir / checkpoints.LATEST_DIR
+    )
+    steps = checkpoints.complete_steps(resumed_dir / checkpoints.LATEST_DIR)
+    assert len(steps) == 3
+    for step in steps[1:]:
+        shutil.rmtree(resumed_dir / checkpoints.LATEST_DIR / str(step))
+    resumed = fit(config, resumed_dir, resume=True)
+
+    assert _comparable(resumed.summary["epochs"]) == _comparable(full.summary["epochs"])
+    for a, b in zip(
+        jax.tree.leaves(full.state.variables), jax.tree.leaves(resumed.state.variables)
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
