@@ -10,7 +10,8 @@ delete the latest resumable one (orbax#526)::
 ``flaxcnn.models.build_model``), image size, preprocessing, class names, epoch and metrics.
 Orbax writes each step to a temporary folder and renames it only when complete, and we wait
 for every asynchronous save before returning from a phase, so an interrupted save never
-replaces a good checkpoint; a step folder left incomplete by a crash is skipped with a warning.
+replaces a good checkpoint; a step folder left incomplete by a crash, or one whose files are
+missing or corrupt, is skipped with a warning naming it and the previous good step is used.
 """
 
 from __future__ import annotations
@@ -86,26 +87,46 @@ def save_variables(
     return directory
 
 
-def _step_dir_for(path: pathlib.Path) -> pathlib.Path:
-    """Finds the step folder a user meant: a run workdir, a manager folder or a step folder."""
+def _step_dirs(path: pathlib.Path) -> list[pathlib.Path]:
+    """The step folders a user meant, best first: a run workdir (best, then latest, newest
+    first), a manager folder (newest first) or one step folder."""
     if _is_complete_step(path) or (path / "metadata").is_dir():
-        return path
+        return [path]
+    candidates = []
     for manager_dir in (path / BEST_DIR, path / LATEST_DIR, path):
-        steps = complete_steps(manager_dir)
-        if steps:
-            return manager_dir / str(steps[-1])
-    raise CheckpointError(
-        f"no checkpoint found at {path}; pass a run folder (holding {BEST_DIR}/ or "
-        f"{LATEST_DIR}/), one of those folders, or a step folder inside them"
-    )
+        candidates += [manager_dir / str(step) for step in reversed(complete_steps(manager_dir))]
+    if not candidates:
+        raise CheckpointError(
+            f"no checkpoint found at {path}; pass a run folder (holding {BEST_DIR}/ or "
+            f"{LATEST_DIR}/), one of those folders, or a step folder inside them"
+        )
+    return candidates
+
+
+def _first_readable(path: str | os.PathLike, read):
+    """``read(step_dir)`` of the first candidate that reads; unreadable ones are skipped with
+    a warning naming them (a crash or a full disk can leave a step folder with files missing)."""
+    path = pathlib.Path(path).expanduser().resolve()
+    errors = []
+    for step_dir in _step_dirs(path):
+        try:
+            return read(step_dir)
+        except Exception as e:  # noqa: BLE001 - any unreadable step: fall back to an older one
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            log.warning("ignoring unreadable checkpoint %s (%s)", step_dir, reason)
+            errors.append(f"{step_dir}: {reason}")
+    raise CheckpointError(f"no readable checkpoint at {path} ({'; '.join(errors)})")
+
+
+def _read_metadata(step_dir: pathlib.Path) -> dict[str, Any]:
+    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    restored = checkpointer.restore(step_dir, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
+    return dict(restored["metadata"])
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The JSON metadata of the checkpoint ``path`` points to (see :func:`restore`)."""
-    step_dir = _step_dir_for(pathlib.Path(path).expanduser().resolve())
-    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-    restored = checkpointer.restore(step_dir, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
-    return dict(restored["metadata"])
+    return _first_readable(path, _read_metadata)
 
 
 def restore(
@@ -126,11 +147,16 @@ def restore(
 
     Raises:
       CheckpointError: nothing restorable at ``path``; the message says what to pass.
+      Unreadable step folders (files missing or corrupt) are skipped with a warning, and
+      the next older one is used.
     """
+    return _first_readable(path, lambda step_dir: _restore_step(step_dir, dtype, conv_impl))
+
+
+def _restore_step(step_dir: pathlib.Path, dtype: Any, conv_impl: str):
     import jax.numpy as jnp
 
-    step_dir = _step_dir_for(pathlib.Path(path).expanduser().resolve())
-    metadata = read_metadata(step_dir)
+    metadata = _read_metadata(step_dir)
     model = build_model(metadata["model"], dtype=dtype or jnp.float32, conv_impl=conv_impl)
     height, width = metadata["image_size"]
     abstract = jax.eval_shape(

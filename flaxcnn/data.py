@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import functools
 import math
+import os
 import pathlib
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -137,6 +138,34 @@ def _decode_resize(data, hw: tuple[int, int]):
     image = tf.image.resize(_decode(data), hw, method="bilinear")
     image = tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
     return tf.ensure_shape(image, (*hw, 3))
+
+
+def load_images(
+    paths: Sequence[str | os.PathLike], image_size: int | Sequence[int], preprocessing: str
+) -> np.ndarray:
+    """Decodes, resizes and scales image files exactly as the eval pipeline does.
+
+    Args:
+      paths: image files (JPEG/PNG/BMP/GIF; any channel layout).
+      image_size: int or ``(height, width)``.
+      preprocessing: one of ``PREPROCESSING_MODES``.
+
+    Returns:
+      float32 ``[len(paths), h, w, 3]``.
+
+    Raises:
+      DataError: a file is missing or cannot be decoded (named in the message).
+    """
+    hw = _image_hw(image_size)
+    images = []
+    for path in paths:
+        try:
+            encoded = pathlib.Path(path).read_bytes()
+            images.append(_decode_resize(encoded, hw).numpy())
+        except Exception as e:  # noqa: BLE001 - TF raises many types for bad files
+            raise DataError(f"cannot read image {path} ({_one_line(e)}); pass a JPEG/PNG/BMP/GIF"
+                            " file") from None
+    return scale_images(np.stack(images), preprocessing)
 
 
 def _readable(examples) -> tuple[np.ndarray, np.ndarray]:

@@ -155,15 +155,19 @@ class _Checkpoints:
         self.latest.check_for_errors()
         self.best.check_for_errors()
 
-    def restore_latest(self, template: train.TrainState) -> tuple[train.TrainState, dict] | None:
-        """Newest complete checkpoint; a broken one is skipped with a warning."""
+    def restore_latest(
+        self, template: train.TrainState, mesh: jax.sharding.Mesh
+    ) -> tuple[train.TrainState, dict] | None:
+        """Newest complete checkpoint, replicated over ``mesh`` whatever device count saved it
+        (orbax#648); a broken one is skipped with a warning."""
         handler = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+        target = sharding.abstract_replicated(template.to_checkpoint(), mesh)
         for step in reversed(checkpoints.complete_steps(self.latest_dir)):
             path = self.latest_dir / str(step)
             try:
                 metadata = checkpoints.read_metadata(path)
                 restored = handler.restore(path, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(template.to_checkpoint())))  # fmt: skip
+                    state=ocp.args.StandardRestore(target)))  # fmt: skip
                 return template.from_checkpoint(restored["state"]), metadata
             except Exception as e:  # noqa: BLE001 - any unreadable step: fall back to an older one
                 log.warning("ignoring unreadable checkpoint %s (%s)", path, str(e).splitlines()[0])
@@ -223,7 +227,7 @@ def fit(config: TrainConfig, workdir: str | os.PathLike, *, resume: bool = False
         abstract_vars = jax.eval_shape(lambda: model.init(rng, jnp.zeros((1, *hw, 3))))
         abstract_vars = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract_vars)
         template = _phase_state(phases[metadata["phase_index"]], abstract_vars, rng, config, 0)
-        restored = store.restore_latest(template)
+        restored = store.restore_latest(template, mesh)
         if restored is not None:
             state, metadata = restored
             start = {k: metadata[k] for k in start}

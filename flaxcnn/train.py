@@ -205,18 +205,25 @@ def extract_features(
     The cached features make the feature-extraction phase cost one forward pass in total
     instead of one per epoch.
     """
+
+    # Labels and mask travel with the images: with several processes each one feeds its own
+    # share of a batch, and every process gets the whole (global) cache back.
+    def features_of(v, batch):
+        x = model.apply(v, batch["image"], train=False, method=model.features)
+        return x, batch["label"], batch["mask"]
+
     fn = jax.jit(
-        lambda v, x: model.apply(v, x, train=False, method=model.features),
+        features_of,
         in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
         out_shardings=sharding.replicated(mesh),
     )
     features, labels = [], []
     for batch in batches:
-        images = sharding.to_global({"image": batch["image"]}, mesh)["image"]
-        out = np.asarray(jax.device_get(fn(dict(variables), images)), np.float32)
-        keep = batch.get("mask", np.ones(len(out), bool))
-        features.append(out[keep])
-        labels.append(batch["label"][keep])
+        local = {"image": batch["image"], "label": batch["label"],
+                 "mask": batch.get("mask", np.ones(len(batch["label"]), bool))}  # fmt: skip
+        out, label, keep = jax.device_get(fn(dict(variables), sharding.to_global(local, mesh)))
+        features.append(np.asarray(out, np.float32)[keep])
+        labels.append(label[keep])
     return {"features": np.concatenate(features), "label": np.concatenate(labels)}
 
 

@@ -1,0 +1,78 @@
+"""The CLI end to end on a small slice of the real photos, with the real weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from flaxcnn import checkpoints, predict
+
+
+@pytest.mark.slow
+def test_transfer_cli_end_to_end_then_restore_and_predict(
+    tiny_cats_vs_dogs, shared_weights, tmp_path
+):
+    workdir = tmp_path / "run"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "FLAXCNN_CACHE": str(tmp_path / "cache")}
+    command = [
+        sys.executable, "-m", "flaxcnn.experiments.transfer", "--data", str(tiny_cats_vs_dogs),
+        "--weights", str(shared_weights), "--no-download", "--image-size", "32",
+        "--batch-size", "8", "--head-epochs", "1", "--finetune-epochs", "1",
+        "--fine-tune-at", "block_16", "--conv-impl", "lax", "--workdir", str(workdir),
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "phase head: 2,562 trainable / 2,223,872 frozen" in done.stderr
+    assert "features cached" in done.stderr
+    report = json.loads((workdir / "metrics.json").read_text())
+    assert [e["phase"] for e in report["epochs"]] == ["head", "finetune"]
+    assert (workdir / "curves.png").stat().st_size > 10_000
+    assert (workdir / "metrics.csv").read_text().count("\n") == 3
+    assert json.loads((workdir / "config.json").read_text())["image_size"] == 32
+
+    images = sorted(str(p) for p in (tiny_cats_vs_dogs / "validation").glob("*/*.jpg"))
+    best_model, best_vars, best_meta = checkpoints.restore(workdir)  # the best checkpoint
+    assert best_meta["class_names"] == ["cat", "dog"] and best_meta["preprocessing"] == "tf"
+    # The same step from the resumable stream (full TrainState) predicts identically.
+    step_dir = workdir / checkpoints.LATEST_DIR / str(checkpoints.complete_steps(
+        workdir / checkpoints.BEST_DIR)[-1])  # fmt: skip
+    state_model, state_vars, _ = checkpoints.restore(step_dir)
+    best = predict.predict_files(best_model, best_vars, best_meta, images, top_k=2)
+    same = predict.predict_files(state_model, state_vars, best_meta, images, top_k=2)
+    assert best == same
+    assert all(r["label"] in ("cat", "dog") and 0.5 <= r["probability"] <= 1.0 for r in best)
+
+    out = subprocess.run(
+        [sys.executable, "-m", "flaxcnn.predict", "--checkpoint", str(workdir), "--json",
+         *images[:2]], env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [r["image"] for r in rows] == images[:2]
+    assert rows[0]["probability"] == pytest.approx(best[0]["probability"], abs=1e-6)
+
+
+def test_fit_checkpoints_restore_to_the_in_memory_model(tiny_cats_vs_dogs, tmp_path):
+    from flaxcnn.config import TrainConfig
+    from flaxcnn.run import fit
+
+    config = TrainConfig(
+        data=str(tiny_cats_vs_dogs), download=False, alpha=0.35, weights=None, image_size=32,
+        batch_size=8, head_epochs=1, finetune_epochs=1, fine_tune_at="Conv_1", conv_impl="lax",
+    )  # fmt: skip
+    result = fit(config, tmp_path / "run")
+    model, variables, metadata = checkpoints.restore(tmp_path / "run" / checkpoints.LATEST_DIR)
+    assert metadata["epoch"] == 2
+    images = np.random.default_rng(0).uniform(-1, 1, (4, 32, 32, 3)).astype(np.float32)
+    expected = jax.jit(result.model.apply)(result.state.variables, images)
+    np.testing.assert_array_equal(np.asarray(jax.jit(model.apply)(variables, images)),
+                                  np.asarray(expected))  # fmt: skip
+    # Pointing at a non-checkpoint folder says what to pass.
+    with pytest.raises(checkpoints.CheckpointError, match="pass a run folder"):
+        checkpoints.restore(tmp_path)
