@@ -111,7 +111,7 @@ def _first_readable(path: str | os.PathLike, read):
     for step_dir in _step_dirs(path):
         try:
             return read(step_dir)
-        except Exception as e:  # noqa: BLE001 - any unreadable step: fall back to an older one
+        except Exception as e:
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
             log.warning("ignoring unreadable checkpoint %s (%s)", step_dir, reason)
             errors.append(f"{step_dir}: {reason}")
@@ -162,15 +162,22 @@ def _restore_step(step_dir: pathlib.Path, dtype: Any, conv_impl: str):
     abstract = jax.eval_shape(
         lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, height, width, 3)))
     )
+    # Onto this process's first device, whatever devices or processes saved it: without a
+    # target sharding Orbax refuses a checkpoint saved on another topology (orbax#648).
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    on_device = lambda tree: jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree
+    )
     checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
     if (step_dir / "variables").is_dir():
-        restored = checkpointer.restore(
-            step_dir, args=ocp.args.Composite(variables=ocp.args.StandardRestore(dict(abstract)))
-        )
+        restored = checkpointer.restore(step_dir, args=ocp.args.Composite(
+            variables=ocp.args.StandardRestore(on_device(dict(abstract)))))  # fmt: skip
         variables = dict(restored["variables"])
     else:  # a resumable training checkpoint: take the model's part of the TrainState
+        handler = ocp.CompositeCheckpointHandler(state=ocp.StandardCheckpointHandler())
+        saved = ocp.Checkpointer(handler).metadata(step_dir).item_metadata["state"]
         restored = checkpointer.restore(
-            step_dir, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+            step_dir, args=ocp.args.Composite(state=ocp.args.StandardRestore(on_device(saved)))
         )
         state = restored["state"]
         variables = {"params": state["params"]}

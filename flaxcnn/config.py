@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
@@ -45,15 +46,15 @@ class TrainConfig:
     dtype: str = "float32"
     conv_impl: str = "auto"
     # Phase 1 (transfer: feature extraction; simple_cnn: the only phase).
-    head_epochs: int = 10
-    head_learning_rate: float = 1e-3
+    head_epochs: int | None = None  # None: 50 on cached features, else 10
+    head_learning_rate: float = 1e-2
     feature_cache: str = "auto"
     early_stopping_patience: int = 0
     # Phase 2: fine-tuning.
     finetune_epochs: int = 10
     finetune_learning_rate: float = 1e-5
     fine_tune_at: str = "100"
-    weight_decay: float = 0.0
+    weight_decay: float = 0.1  # AdamW, trainable kernels only: keeps the cached-feature head calibrated
     # Run.
     seed: int = 0
     workdir: str | None = None
@@ -74,17 +75,28 @@ class TrainConfig:
         check(0.0 <= self.dropout_rate < 1.0, "dropout-rate", "0 <= rate < 1")
         check(self.dtype in DTYPES, "dtype", ", ".join(DTYPES))
         check(self.conv_impl in CONV_IMPLS, "conv-impl", ", ".join(CONV_IMPLS))
-        check(self.head_epochs >= 0, "head-epochs", "an integer >= 0")
+        check(self.head_epochs is None or self.head_epochs >= 0, "head-epochs",
+              "an integer >= 0")
         check(self.finetune_epochs >= 0, "finetune-epochs", "an integer >= 0")
-        check(self.head_learning_rate > 0, "head-learning-rate", "a positive number")
-        check(self.finetune_learning_rate > 0, "finetune-learning-rate", "a positive number")
+        # `inf` passes `> 0`, and would train on NaN weights from the first step on.
+        positive = lambda x: 0 < x < math.inf
+        check(positive(self.head_learning_rate), "head-learning-rate", "a positive number")
+        check(positive(self.finetune_learning_rate), "finetune-learning-rate",
+              "a positive number")
         check(self.feature_cache in FEATURE_CACHE, "feature-cache", ", ".join(FEATURE_CACHE))
         check(self.early_stopping_patience >= 0, "early-stopping-patience", "an integer >= 0")
-        check(self.weight_decay >= 0, "weight-decay", "a number >= 0")
+        check(0 <= self.weight_decay < math.inf, "weight-decay", "a number >= 0")
         check(self.keep_checkpoints >= 1, "keep-checkpoints", "an integer >= 1")
         check(self.log_every >= 1, "log-every", "an integer >= 1")
         if self.model == "simple_cnn":
             check(self.weights is None, "weights", "none (simple_cnn trains from scratch)")
+        else:  # a bad layer should fail here, not after the first phase has trained
+            from flaxcnn.optim import fine_tune_layer
+
+            try:
+                fine_tune_layer(self.fine_tune_at, self.alpha)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)

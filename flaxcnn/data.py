@@ -162,7 +162,7 @@ def load_images(
         try:
             encoded = pathlib.Path(path).read_bytes()
             images.append(_decode_resize(encoded, hw).numpy())
-        except Exception as e:  # noqa: BLE001 - TF raises many types for bad files
+        except Exception as e:
             raise DataError(f"cannot read image {path} ({_one_line(e)}); pass a JPEG/PNG/BMP/GIF"
                             " file") from None
     return scale_images(np.stack(images), preprocessing)

@@ -62,6 +62,18 @@ def check_finite(loss: float, step: int, epoch: int) -> None:
         )
 
 
+def check_finite_params(variables: Any, step: int, epoch: int) -> None:
+    """Raises before a checkpoint could store NaN/Inf weights (a finite loss is computed from
+    the weights *before* the update, so the last step of an epoch can still break them)."""
+    # On the host: eager jnp checks would compile a program per leaf shape. (Replicated
+    # arrays can be fetched on every process.)
+    if not all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(variables))):
+        raise NonFiniteLossError(
+            f"the parameters became NaN/Inf at step {step} (epoch {epoch}); stopped without "
+            "saving them. The last good checkpoint is kept: lower the learning rate and --resume"
+        )
+
+
 CSV_FIELDS = (
     "epoch", "phase", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
     "learning_rate", "epoch_seconds", "wall_seconds", "images_per_second",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import pathlib
@@ -26,11 +27,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
 from flaxcnn import checkpoints, data, metrics, optim, pretrained, sharding, train
-from flaxcnn.config import TrainConfig
+from flaxcnn.config import ConfigError, TrainConfig
 from flaxcnn.models import build_model
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,7 @@ class Phase:
     trainable_from: str
     cached_features: bool
     augment: bool
+    cosine_decay: bool = False  # learning rate decays to 0 over the phase (cosine)
 
 
 def plan_phases(config: TrainConfig) -> list[Phase]:
@@ -67,12 +70,15 @@ def plan_phases(config: TrainConfig) -> list[Phase]:
         return [Phase("train", config.head_epochs, config.head_learning_rate,
                       tuple(optim.ALL_TRAINABLE), "the input", False, config.augment)]
     cache = config.feature_cache == "on" or (
-        config.feature_cache == "auto" and config.head_epochs > 0
+        config.feature_cache == "auto" and config.head_epochs != 0
     )
+    # Cached epochs cost almost nothing, so the head trains to convergence (README).
+    head_epochs = config.head_epochs if config.head_epochs is not None else (50 if cache else 10)
     first = optim.fine_tune_layer(config.fine_tune_at, config.alpha)
     return [
-        Phase("head", config.head_epochs, config.head_learning_rate,
-              tuple(optim.transfer_rules(None)), "head", cache, config.augment and not cache),
+        Phase("head", head_epochs, config.head_learning_rate,
+              tuple(optim.transfer_rules(None)), "head", cache, config.augment and not cache,
+              cosine_decay=True),
         Phase("finetune", config.finetune_epochs, config.finetune_learning_rate,
               tuple(optim.transfer_rules(first, config.alpha)), f"backbone/{first}", False,
               config.augment),
@@ -130,20 +136,31 @@ class _Checkpoints:
     """The latest (resumable) and best (inference) Orbax streams of one workdir."""
 
     def __init__(self, workdir: pathlib.Path, keep: int):
-        options = lambda n: ocp.CheckpointManagerOptions(max_to_keep=n, create=True)
+        # cleanup_tmp_directories: a save killed mid-write leaves a '<step>.orbax-checkpoint-tmp-*'
+        # folder; it never counts as a checkpoint, and is removed when the next run starts.
+        # barrier_sync_key_prefix: both managers save the same step asynchronously, and Orbax
+        # names its cross-process barriers by step alone; with several processes they collide.
+        options = lambda n, name: ocp.CheckpointManagerOptions(
+            max_to_keep=n, create=True, cleanup_tmp_directories=True,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                barrier_sync_key_prefix=name))  # fmt: skip
         self.latest_dir = workdir / checkpoints.LATEST_DIR
         self.best_dir = workdir / checkpoints.BEST_DIR
-        self.latest = ocp.CheckpointManager(self.latest_dir, options=options(keep))
-        self.best = ocp.CheckpointManager(self.best_dir, options=options(1))
+        self.latest = ocp.CheckpointManager(self.latest_dir, options=options(keep, "latest"))
+        self.best = ocp.CheckpointManager(self.best_dir, options=options(1, "best"))
 
     def save(self, state: train.TrainState, metadata: dict, *, best: bool) -> None:
         step = int(state.step)
-        if step in self.latest.all_steps():  # a re-save after resume at the same step
-            return
-        self.latest.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state.to_checkpoint()),
-            metadata=ocp.args.JsonSave(metadata)))  # fmt: skip
-        if best:
+        # Orbax writes the JSON in a background thread: snapshot it now, before the caller's
+        # history list grows (a later epoch would otherwise leak into this checkpoint).
+        metadata = json.loads(json.dumps(metadata))
+        if step not in self.latest.all_steps():  # else a re-save after resume at the same step
+            self.latest.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state.to_checkpoint()),
+                metadata=ocp.args.JsonSave(metadata)))  # fmt: skip
+        # A best step that a killed run saved ahead of its latest one holds this same state
+        # (training is deterministic); Orbax would skip it anyway (steps <= its newest).
+        if best and step not in self.best.all_steps():
             self.best.save(step, args=ocp.args.Composite(
                 variables=ocp.args.StandardSave(state.variables),
                 metadata=ocp.args.JsonSave(metadata)))  # fmt: skip
@@ -155,23 +172,57 @@ class _Checkpoints:
         self.latest.check_for_errors()
         self.best.check_for_errors()
 
-    def restore_latest(
-        self, template: train.TrainState, mesh: jax.sharding.Mesh
-    ) -> tuple[train.TrainState, dict] | None:
-        """Newest complete checkpoint, replicated over ``mesh`` whatever device count saved it
-        (orbax#648); a broken one is skipped with a warning."""
-        handler = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-        target = sharding.abstract_replicated(template.to_checkpoint(), mesh)
-        for step in reversed(checkpoints.complete_steps(self.latest_dir)):
-            path = self.latest_dir / str(step)
+    def close(self) -> None:
+        """Finishes saves in flight and stops Orbax's threads: a run stopped by an error
+        (NaN, Ctrl-C, a bug) still leaves its last good checkpoint complete on disk."""
+        for manager in (self.latest, self.best):
             try:
-                metadata = checkpoints.read_metadata(path)
-                restored = handler.restore(path, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(target)))  # fmt: skip
-                return template.from_checkpoint(restored["state"]), metadata
-            except Exception as e:  # noqa: BLE001 - any unreadable step: fall back to an older one
-                log.warning("ignoring unreadable checkpoint %s (%s)", path, str(e).splitlines()[0])
-        return None
+                manager.wait_until_finished()
+                manager.close()
+            except Exception as e:  # already failing: report, do not mask the first error
+                log.warning("could not finish writing checkpoints in %s (%s)",
+                            manager.directory, e)  # fmt: skip
+
+
+
+def _restore_latest(
+    latest_dir: pathlib.Path, template_for, mesh: jax.sharding.Mesh
+) -> tuple[train.TrainState, dict] | None:
+    """Newest readable checkpoint, replicated over ``mesh`` whatever device count saved it
+    (orbax#648); broken ones are skipped with a warning naming them.
+
+    ``template_for(metadata)`` gives the TrainState template of that checkpoint's phase (an
+    older step may belong to an earlier phase, with another optimizer state). Incomplete or
+    unreadable steps newer than the restored one are moved aside to ``<step>.unreadable``
+    (kept for inspection): Orbax never writes a step at or below its newest one, so left in
+    place they would stop the resumed run from saving those steps again.
+    """
+    handler = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    restored = None
+    for step in reversed(checkpoints.complete_steps(latest_dir)):
+        path = latest_dir / str(step)
+        try:
+            metadata = checkpoints.read_metadata(path)
+            template = template_for(metadata)
+            target = sharding.abstract_replicated(template.to_checkpoint(), mesh)
+            tree = handler.restore(path, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target)))  # fmt: skip
+            restored = template.from_checkpoint(tree["state"]), metadata
+            break
+        except Exception as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            log.warning("ignoring unreadable checkpoint %s (%s)", path, reason)
+    if jax.process_index() == 0:
+        kept = int(restored[0].step) if restored else -1
+        newer = [p for p in latest_dir.iterdir() if p.name.isdigit() and int(p.name) > kept]
+        for path in sorted(newer):
+            aside, n = path.with_name(f"{path.name}.unreadable"), 1
+            while aside.exists():
+                n += 1
+                aside = path.with_name(f"{path.name}.unreadable{n}")
+            path.rename(aside)
+            log.warning("moved the unreadable checkpoint aside to %s", aside)
+    return restored
 
 
 def fit(config: TrainConfig, workdir: str | os.PathLike, *, resume: bool = False) -> FitResult:
@@ -187,21 +238,36 @@ def fit(config: TrainConfig, workdir: str | os.PathLike, *, resume: bool = False
       The summary (``{'epochs': history, 'best_val_accuracy', 'test'?, ...}`` as in
       metrics.json), the module and the final TrainState.
     """
+    stores: list[_Checkpoints] = []
+    try:
+        return _fit(config, workdir, resume, stores)
+    finally:
+        for store in stores:
+            store.close()
+
+
+def _fit(config: TrainConfig, workdir, resume: bool, stores: list) -> FitResult:
     workdir = pathlib.Path(workdir).expanduser().resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
-    if is_main:
-        config.save(workdir / "config.json")
+    # Everything that can reject the run (phases, batch size, data, weights) comes before
+    # the first write into the workdir, so that a bad setting leaves nothing behind.
     phases = plan_phases(config)
     mesh = sharding.make_mesh()
     sharding.check_batch_size(config.batch_size, mesh)
+    preprocessing = "tf" if config.model == "mobilenet_v2" else "unit"
+    try:
+        dataset = data.open_dataset(config.data, data_dir=config.data_dir,
+                                    download=config.download,
+                                    validation_fraction=config.validation_fraction,
+                                    split_seed=config.seed)  # fmt: skip
+    except data.DataError as e:
+        raise data.DataError(f"--data: {e}") from None
+    if dataset.split_sizes["train"] < config.batch_size:
+        raise ConfigError(f"--batch-size {config.batch_size} exceeds the "
+                          f"{dataset.split_sizes['train']} usable training images of "
+                          f"{dataset.name}; lower --batch-size")  # fmt: skip
     log.info("devices: %d x %s (%s backend), %d process(es)", mesh.devices.size,
              jax.devices()[0].device_kind, jax.default_backend(), jax.process_count())  # fmt: skip
-
-    preprocessing = "tf" if config.model == "mobilenet_v2" else "unit"
-    dataset = data.open_dataset(config.data, data_dir=config.data_dir, download=config.download,
-                                validation_fraction=config.validation_fraction,
-                                split_seed=config.seed)  # fmt: skip
     for note in dataset.notes:
         log.info("%s", note)
     hw = (config.image_size, config.image_size)
@@ -215,29 +281,37 @@ def fit(config: TrainConfig, workdir: str | os.PathLike, *, resume: bool = False
     }  # fmt: skip
     shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
     common = dict(batch_size=config.batch_size, image_size=hw, preprocessing=preprocessing)
-    store = _Checkpoints(workdir, config.keep_checkpoints)
     rng = jax.random.PRNGKey(config.seed)
+    latest_dir = workdir / checkpoints.LATEST_DIR
+    steps_per_epoch = data.num_batches(dataset, "train", config.batch_size, drop_remainder=True)
 
     # Start-up: own checkpoint (resume) > pretrained/random init.
     start = {"phase_index": 0, "epoch": 0, "epoch_in_phase": 0, "batch": 0,
              "phase_complete": False, "history": [], "partial": None}  # fmt: skip
     variables = state = None
-    if resume and checkpoints.complete_steps(store.latest_dir):
-        metadata = checkpoints.read_metadata(store.latest_dir)
+    if resume and checkpoints.complete_steps(latest_dir):
         abstract_vars = jax.eval_shape(lambda: model.init(rng, jnp.zeros((1, *hw, 3))))
         abstract_vars = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract_vars)
-        template = _phase_state(phases[metadata["phase_index"]], abstract_vars, rng, config, 0)
-        restored = store.restore_latest(template, mesh)
+        template_for = lambda meta: _phase_state(phases[meta["phase_index"]], abstract_vars,
+                                                 rng, config, 0, steps_per_epoch)  # fmt: skip
+        restored = _restore_latest(latest_dir, template_for, mesh)
         if restored is not None:
             state, metadata = restored
             start = {k: metadata[k] for k in start}
             variables = state.variables
-            log.info("resumed from %s at step %d (epoch %d, batch %d)", store.latest_dir,
+            log.info("resumed from %s at step %d (epoch %d, batch %d)", latest_dir,
                      int(state.step), start["epoch"], start["batch"])  # fmt: skip
+        else:
+            log.warning("--resume: no readable checkpoint in %s, starting fresh", latest_dir)
     elif resume:
-        log.info("--resume: no checkpoint in %s yet, starting fresh", store.latest_dir)
+        log.info("--resume: no checkpoint in %s yet, starting fresh", latest_dir)
     if variables is None:
         variables = initial_variables(config, model, hw, jax.random.fold_in(rng, 1))
+    workdir.mkdir(parents=True, exist_ok=True)
+    if is_main:
+        config.save(workdir / "config.json")
+    store = _Checkpoints(workdir, config.keep_checkpoints)
+    stores.append(store)
 
     history: list[dict] = list(start["history"])
     best_accuracy = max((h["val_accuracy"] for h in history), default=-1.0)
@@ -251,7 +325,10 @@ def fit(config: TrainConfig, workdir: str | os.PathLike, *, resume: bool = False
             resuming_here = phase_index == start["phase_index"] and state is not None
             if not resuming_here:
                 step = int(state.step) if state is not None else 0
-                state = _phase_state(phase, variables, jax.random.fold_in(rng, 2), config, step)
+                state = _phase_state(phase, variables, jax.random.fold_in(rng, 2), config, step,
+                                     steps_per_epoch)  # fmt: skip
+                # On the mesh before step 1, or step 2 (fed step 1's output) compiles again.
+                state = sharding.replicate(state, mesh)
             labels = optim.path_labels(state.params, phase.rules)
             counts = optim.count_by_label(state.params, labels)
             input_key = "features" if phase.cached_features else "image"
@@ -302,11 +379,12 @@ def fit(config: TrainConfig, workdir: str | os.PathLike, *, resume: bool = False
             if n_batches == 0:
                 raise data.DataError(f"the train split has fewer examples than --batch-size "
                                      f"{config.batch_size}; lower --batch-size")  # fmt: skip
-            stale = 0
+            stale = _stale_epochs(history, phase.name) if resuming_here else 0
             for epoch_in_phase in range(first_epoch_in_phase, phase.epochs):
                 epoch = epoch_offset + epoch_in_phase + 1
                 start_batch = start["batch"] if resuming_here and epoch_in_phase == first_epoch_in_phase else 0  # noqa: E501
                 partial = start["partial"] if start_batch else None
+                epoch_steps = _continuing(steps, partial)
                 t_epoch = time.time()
                 bar = tqdm(total=n_batches, initial=start_batch, disable=not is_main,
                            desc=f"epoch {epoch} [{phase.name}]", leave=False, unit="batch")  # fmt: skip
@@ -316,19 +394,24 @@ def fit(config: TrainConfig, workdir: str | os.PathLike, *, resume: bool = False
                     done[0] += 1
                     bar.update(1)
                     if done[0] % config.log_every == 0 or done[0] == n_batches:
-                        running = metrics.finalize(_merge_partial(total, partial))
+                        running = metrics.finalize(total)
                         metrics.check_finite(running["loss"], int(s.step), epoch)
                         bar.set_postfix(loss=f"{running['loss']:.4f}",
                                         acc=f"{running['accuracy']:.4f}")  # fmt: skip
                     return bool(received)
 
-                state, sums = train.run_epoch(steps, state, train_iter(epoch, start_batch), mesh,
-                                              on_step=on_step)  # fmt: skip
-                bar.close()
-                sums = _merge_partial(sums, partial)
-                if received:
+                try:  # closed on errors too: a NaN message must not land on the bar's line
+                    state, sums = train.run_epoch(epoch_steps, state,
+                                                  train_iter(epoch, start_batch), mesh,
+                                                  on_step=on_step)  # fmt: skip
+                finally:
+                    bar.close()
+                if sums is None:  # resumed after the epoch's last batch (older checkpoints)
+                    sums = _as_sums(partial)
+                if received and done[0] < n_batches:  # mid-epoch: save the batch position
                     train_metrics = metrics.finalize(sums)
                     metrics.check_finite(train_metrics["loss"], int(state.step), epoch)
+                    metrics.check_finite_params(state.variables, int(state.step), epoch)
                     meta = {**base_metadata, "phase_index": phase_index, "epoch": epoch - 1,
                             "epoch_in_phase": epoch_in_phase, "batch": done[0],
                             "phase_complete": False, "history": history,
@@ -363,6 +446,7 @@ def fit(config: TrainConfig, workdir: str | os.PathLike, *, resume: bool = False
                         "epoch_in_phase": epoch_in_phase + 1, "batch": 0,
                         "phase_complete": bool(last), "history": history, "partial": None,
                         "val_accuracy": val["accuracy"]}  # fmt: skip
+                metrics.check_finite_params(state.variables, int(state.step), epoch)
                 store.save(state, meta, best=improved)
                 log.info("epoch %d [%s] train loss %.4f acc %.4f | val loss %.4f acc %.4f | "
                          "%.1f s, %.0f img/s", epoch, phase.name, record["train_loss"],
@@ -370,6 +454,13 @@ def fit(config: TrainConfig, workdir: str | os.PathLike, *, resume: bool = False
                          seconds, record["images_per_second"])  # fmt: skip
                 if is_main:
                     metrics.write_reports(workdir, history)
+                if received:  # the signal came during the last batch or the evaluation
+                    store.wait()
+                    raise Interrupted(
+                        f"stopped by signal {received[0]} at step {int(state.step)} (end of epoch "
+                        f"{epoch}); checkpoint saved in {store.latest_dir}; continue with the "
+                        f"same command plus --resume"
+                    )
                 if last:
                     if stale and config.early_stopping_patience:
                         log.info("early stopping: no validation improvement for %d epochs", stale)
@@ -395,13 +486,47 @@ def fit(config: TrainConfig, workdir: str | os.PathLike, *, resume: bool = False
     return FitResult({"epochs": history, **summary}, model, state)
 
 
-def _merge_partial(sums, partial):
-    if partial is None or sums is None:
-        return sums if partial is None else {k: jnp.asarray(v) for k, v in partial.items()}
-    return jax.tree.map(lambda a, b: a + b, sums, {k: jnp.asarray(v) for k, v in partial.items()})
+def _as_sums(partial: dict[str, float]) -> dict[str, jax.Array]:
+    return {k: jnp.asarray(v, jnp.float32) for k, v in partial.items()}
 
 
-def _phase_state(phase: Phase, variables, rng, config: TrainConfig, step: int) -> train.TrainState:
+def _continuing(steps: train.StepFns, partial: dict[str, float] | None) -> train.StepFns:
+    """Steps whose first call adds the interrupted epoch's ``partial`` sums to its own.
+
+    ``run_epoch`` then accumulates ``((b0 + b1) + b2) + ...`` in the same order as an
+    uninterrupted epoch, so the epoch's metrics are bit-identical (float addition is not
+    associative: adding the partial sums at the end would differ in the last bits).
+    """
+    if partial is None:
+        return steps
+    pending = [_as_sums(partial)]
+
+    def train_step(state, batch):
+        state, sums = steps.train(state, batch)
+        return state, (metrics.add_sums(pending.pop(), sums) if pending else sums)
+
+    return dataclasses.replace(steps, train=train_step)
+
+
+def _stale_epochs(history: list[dict], phase_name: str) -> int:
+    """Epochs of ``phase_name`` since its last validation improvement, replayed from the
+    history, so that early stopping counts the same across a resume."""
+    best, stale = -1.0, 0
+    for record in history:
+        improved = record["val_accuracy"] >= best
+        best = max(best, record["val_accuracy"])
+        if record["phase"] == phase_name:
+            stale = 0 if improved else stale + 1
+    return stale
+
+
+def _phase_state(
+    phase: Phase, variables, rng, config: TrainConfig, step: int, steps_per_epoch: int
+) -> train.TrainState:
     labels = optim.path_labels(variables["params"], phase.rules)
-    tx = optim.make_optimizer(phase.learning_rate, labels, weight_decay=config.weight_decay)
+    learning_rate = (
+        optax.cosine_decay_schedule(phase.learning_rate, max(phase.epochs * steps_per_epoch, 1))
+        if phase.cosine_decay else phase.learning_rate
+    )  # fmt: skip
+    tx = optim.make_optimizer(learning_rate, labels, weight_decay=config.weight_decay)
     return train.TrainState.create(variables, tx, rng, step=step)

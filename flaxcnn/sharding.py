@@ -53,6 +53,25 @@ def abstract_replicated(tree: Any, mesh: Mesh) -> Any:
     )
 
 
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Host (or single-device) values as arrays replicated over ``mesh``.
+
+    A jitted step compiles once per input layout: fed a freshly built, uncommitted state
+    and then its own replicated output, it compiles twice; placing the state first makes
+    that once. Works across processes when every process passes the same values (as the
+    seeded initialisation does); leaves already replicated over ``mesh`` are kept.
+    """
+    target = replicated(mesh)
+
+    def put(x):
+        if isinstance(x, jax.Array) and x.sharding == target:
+            return x
+        value = np.asarray(x)
+        return jax.make_array_from_callback(value.shape, target, lambda index: value[index])
+
+    return jax.tree.map(put, tree)
+
+
 def check_batch_size(batch_size: int, mesh: Mesh) -> None:
     """Raises a one-line ConfigError unless the global batch divides over the devices."""
     devices = mesh.devices.size

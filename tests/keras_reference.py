@@ -32,9 +32,7 @@ def keras_mobilenet_v2(alpha, input_shape, include_top, pooling=None, seed=0, we
     randomized = []
     for w in model.weights:
         name = w.name
-        if "moving_variance" in name:
-            value = rng.uniform(0.5, 1.5, w.shape)
-        elif "gamma" in name:
+        if "moving_variance" in name or "gamma" in name:
             value = rng.uniform(0.5, 1.5, w.shape)
         elif "moving_mean" in name or "beta" in name or "bias" in name:
             value = rng.normal(0.0, 0.1, w.shape)

@@ -14,7 +14,7 @@ from flaxcnn.config import TrainConfig
 DEFAULTS = TrainConfig(
     data="cifar10", model="simple_cnn", weights=None, image_size=32, batch_size=64,
     head_epochs=10, head_learning_rate=1e-3, finetune_epochs=0, dropout_rate=0.0,
-    augment=False,
+    augment=False, weight_decay=0.0,
 )  # fmt: skip
 FLAGS = (
     "data", "data_dir", "download", "image_size", "batch_size", "head_epochs",

@@ -1,16 +1,33 @@
-"""Convolutions whose arithmetic formulation is chosen per backend.
+"""Convolutions whose arithmetic formulation is chosen per backend, and BatchNorm folding.
 
-XLA:CPU lowers grouped (depthwise) convolutions to a slow generic loop: a 3x3 depthwise conv
-on 32x40x40x192 takes ~220 ms as ``lax.conv_general_dilated(feature_group_count=C)`` and
-~25 ms as nine shifted multiply-adds, and a 1x1 conv runs about twice as fast as a matmul.
-On GPU/TPU the convolution primitives (cuDNN, the TPU conv unit) win. Both formulations
-compute the same sums, keep the same parameter names and shapes as ``flax.linen.Conv``
-(``kernel`` of shape ``(kh, kw, 1, C)`` for depthwise, ``(1, 1, Cin, Cout)`` for pointwise),
-so checkpoints do not depend on which one ran.
+XLA:CPU lowers grouped (depthwise) convolutions to a slow generic loop (a 3x3 depthwise conv
+on 32x40x40x192 takes ~0.9 s forward and ~18 s forward+backward as
+``lax.conv_general_dilated(feature_group_count=C)`` on a 2-core AMD EPYC), while nine shifted
+multiply-adds fuse into one vectorised loop. On GPU/TPU the convolution primitives (cuDNN, the
+TPU conv unit) win. So ``conv_impl`` picks one of two exact formulations of the same sums:
+
+``'lax'``
+  the XLA convolution primitives (``feature_group_count=C`` for depthwise).
+``'unrolled'``
+  depthwise as ``kh * kw`` strided slices times per-channel weights, with a hand-written
+  backward pass (the input gradient is one correlation of the zero-dilated output gradient
+  with the flipped kernel instead of ``kh * kw`` padded copies, which autodiff of the slices
+  gives); 1x1 convs as one 2-D matmul (the weight gradient is then a plain ``x.T @ g``, with
+  no transpose copy of a 4-D activation); the stem conv as ``im2col`` and a matmul.
+``'auto'``
+  ``'unrolled'`` on CPU, ``'lax'`` elsewhere.
+
+BatchNorm in inference mode is a per-channel affine map, so :class:`BatchNormAffine` hands
+its ``(multiplier, offset)`` to the preceding conv, which folds the multiplier into its kernel
+and adds the offset: one pass over the activation fewer, forward and backward. Parameters
+keep the names, shapes and initialisers of ``flax.linen.Conv`` / ``BatchNorm`` (``kernel`` of
+shape ``(kh, kw, 1, C)`` for depthwise, ``(1, 1, Cin, Cout)`` for pointwise; ``scale``,
+``bias``, ``mean``, ``var``), so checkpoints do not depend on the formulation.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +39,8 @@ from jax import lax
 CONV_IMPLS = ("auto", "lax", "unrolled")
 
 Padding = str | Sequence[tuple[int, int]]
+Pads = tuple[tuple[int, int], tuple[int, int]]
+_NHWC = ("NHWC", "HWIO", "NHWC")
 
 
 def resolve_conv_impl(conv_impl: str) -> str:
@@ -29,7 +48,7 @@ def resolve_conv_impl(conv_impl: str) -> str:
 
     Args:
       conv_impl: ``'auto'``, ``'lax'`` (XLA convolution primitives) or ``'unrolled'``
-        (depthwise as shifted multiply-adds, 1x1 as matmul).
+        (depthwise as shifted multiply-adds, 1x1 and stem convs as matmuls).
 
     Returns:
       ``'lax'`` or ``'unrolled'``.
@@ -41,25 +60,169 @@ def resolve_conv_impl(conv_impl: str) -> str:
     return conv_impl
 
 
-def _depthwise_unrolled(x: jax.Array, kernel: jax.Array, strides: tuple[int, int]) -> jax.Array:
-    """VALID depthwise conv of an already padded NHWC input as kh*kw strided slices."""
-    kh, kw = kernel.shape[:2]
-    sh, sw = strides
-    n, h, w, c = x.shape
-    out_h = (h - kh) // sh + 1
-    out_w = (w - kw) // sw + 1
-    out = None
+def explicit_pads(
+    padding: Padding, hw: Sequence[int], kernel_size: Sequence[int], strides: Sequence[int]
+) -> Pads:
+    """``'SAME'`` / ``'VALID'`` / explicit pairs -> ``((top, bottom), (left, right))``."""
+    if isinstance(padding, str):
+        pads = lax.padtype_to_pads(tuple(hw), tuple(kernel_size), tuple(strides), padding)
+    else:
+        pads = padding
+    return tuple((int(lo), int(hi)) for lo, hi in pads)  # type: ignore[return-value]
+
+
+def _taps(xp: jax.Array, kh: int, kw: int, strides: Sequence[int], out_hw: Sequence[int]):
+    """The ``kh * kw`` strided windows of a padded NHWC input that a VALID conv reads."""
+    (sh, sw), (oh, ow) = strides, out_hw
+    n, _, _, c = xp.shape
     for i in range(kh):
         for j in range(kw):
-            window = lax.slice(
-                x,
-                (0, i, j, 0),
-                (n, i + sh * (out_h - 1) + 1, j + sw * (out_w - 1) + 1, c),
-                (1, sh, sw, 1),
-            )
-            term = window * kernel[i, j, 0]
-            out = term if out is None else out + term
+            limit = (n, i + sh * (oh - 1) + 1, j + sw * (ow - 1) + 1, c)
+            yield i, j, lax.slice(xp, (0, i, j, 0), limit, (1, sh, sw, 1))
+
+
+def _out_hw(hw: Sequence[int], kernel: Sequence[int], strides: Sequence[int], pads: Pads):
+    return tuple((h + lo + hi - k) // s + 1 for h, k, s, (lo, hi) in zip(hw, kernel, strides, pads))
+
+
+def _depthwise_taps(xp: jax.Array, kernel: jax.Array, strides, out_hw) -> jax.Array:
+    """VALID depthwise conv of a padded input as a sum of weighted windows (one fused loop)."""
+    out = None
+    for i, j, window in _taps(xp, *kernel.shape[:2], strides, out_hw):
+        term = window * kernel[i, j, 0]
+        out = term if out is None else out + term
     return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _depthwise_unrolled(x: jax.Array, kernel: jax.Array, strides: tuple, pads: Pads) -> jax.Array:
+    out_hw = _out_hw(x.shape[1:3], kernel.shape[:2], strides, pads)
+    return _depthwise_taps(jnp.pad(x, ((0, 0), *pads, (0, 0))), kernel, strides, out_hw)
+
+
+def _depthwise_unrolled_fwd(x, kernel, strides, pads):
+    return _depthwise_unrolled(x, kernel, strides, pads), (x, kernel)
+
+
+def _depthwise_unrolled_bwd(strides, pads, residuals, g):
+    x, kernel = residuals
+    (kh, kw), (sh, sw) = kernel.shape[:2], strides
+    h, w = x.shape[1:3]
+    oh, ow = g.shape[1:3]
+    # d/dx: the transposed conv, i.e. a stride-1 correlation of g dilated by the stride and
+    # padded so that every input position sees the taps that read it, with the flipped kernel.
+    top, left = kh - 1 - pads[0][0], kw - 1 - pads[1][0]
+    bottom = h + kh - 1 - top - ((oh - 1) * sh + 1)
+    right = w + kw - 1 - left - ((ow - 1) * sw + 1)
+    zero = jnp.zeros((), g.dtype)
+    g_dilated = lax.pad(g, zero, ((0, 0, 0), (top, bottom, sh - 1), (left, right, sw - 1), (0, 0, 0)))
+    dx = _depthwise_taps(g_dilated, kernel[::-1, ::-1], (1, 1), (h, w))
+    # d/dkernel: each tap's window times g, summed over batch and space.
+    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+    dk = jnp.stack([jnp.sum(win * g, axis=(0, 1, 2)) for _, _, win in _taps(xp, kh, kw, strides, (oh, ow))])
+    return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+_depthwise_unrolled.defvjp(_depthwise_unrolled_fwd, _depthwise_unrolled_bwd)
+
+
+def depthwise_conv(
+    x: jax.Array, kernel: jax.Array, strides: Sequence[int], pads: Pads, conv_impl: str = "auto"
+) -> jax.Array:
+    """Depthwise conv (depth multiplier 1) of NHWC ``x`` with a ``(kh, kw, 1, C)`` kernel.
+
+    Args:
+      x: ``[N, H, W, C]``.
+      kernel: ``[kh, kw, 1, C]``.
+      strides: ``(sh, sw)``.
+      pads: ``((top, bottom), (left, right))`` zero padding.
+      conv_impl: see :func:`resolve_conv_impl`.
+
+    Returns:
+      ``[N, H', W', C]``, equal to ``lax.conv_general_dilated(..., feature_group_count=C)``.
+    """
+    strides = tuple(int(s) for s in strides)
+    pads = tuple((int(lo), int(hi)) for lo, hi in pads)
+    if resolve_conv_impl(conv_impl) == "lax":
+        return lax.conv_general_dilated(
+            x, kernel, strides, pads, dimension_numbers=_NHWC, feature_group_count=x.shape[-1]
+        )
+    return _depthwise_unrolled(x, kernel, strides, pads)
+
+
+def pointwise_conv(x: jax.Array, kernel: jax.Array, conv_impl: str = "auto") -> jax.Array:
+    """1x1 conv of NHWC ``x`` with a ``(1, 1, Cin, Cout)`` kernel (``'unrolled'``: a 2-D matmul).
+
+    The matmul runs on ``x`` flattened to ``[N*H*W, Cin]`` so that the weight gradient is a
+    plain ``x.T @ g``: on the 4-D activation XLA:CPU materialises a transposed copy of ``g``.
+    """
+    if resolve_conv_impl(conv_impl) == "lax":
+        return lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=_NHWC)
+    rows = x.reshape(-1, x.shape[-1])
+    return (rows @ kernel.reshape(kernel.shape[-2:])).reshape(*x.shape[:-1], kernel.shape[-1])
+
+
+def conv(
+    x: jax.Array, kernel: jax.Array, strides: Sequence[int], pads: Pads, conv_impl: str = "auto"
+) -> jax.Array:
+    """Dense conv of NHWC ``x`` with an HWIO kernel (``'unrolled'``: im2col and a matmul).
+
+    im2col is meant for convs with few input channels, such as a network's stem, where the
+    ``kh * kw * Cin`` patch tensor stays small.
+    """
+    strides = tuple(int(s) for s in strides)
+    pads = tuple((int(lo), int(hi)) for lo, hi in pads)
+    if resolve_conv_impl(conv_impl) == "lax":
+        return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=_NHWC)
+    kh, kw, cin, cout = kernel.shape
+    out_hw = _out_hw(x.shape[1:3], (kh, kw), strides, pads)
+    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+    patches = jnp.concatenate([win for _, _, win in _taps(xp, kh, kw, strides, out_hw)], axis=-1)
+    return pointwise_conv(patches, kernel.reshape(1, 1, kh * kw * cin, cout), "unrolled")
+
+
+def _fold(kernel: jax.Array, y_fn, multiplier, offset):
+    """Applies ``y_fn`` to the kernel scaled per output channel, then adds ``offset``."""
+    if multiplier is not None:
+        kernel = kernel * multiplier
+    y = y_fn(kernel)
+    return y if offset is None else y + offset.astype(y.dtype)
+
+
+class Conv2D(nn.Module):
+    """Dense 2-D conv without bias, NHWC; parameters as ``flax.linen.Conv(use_bias=False)``.
+
+    Attributes:
+      features: output channels.
+      kernel_size: spatial size of the filter.
+      strides: spatial strides.
+      padding: ``'SAME'``, ``'VALID'`` or explicit ``((top, bottom), (left, right))``.
+      conv_impl: see :func:`resolve_conv_impl`.
+      dtype: computation dtype (``None``: from inputs and params).
+      param_dtype: parameter dtype.
+    """
+
+    features: int
+    kernel_size: tuple[int, int] = (3, 3)
+    strides: tuple[int, int] = (1, 1)
+    padding: Padding = "SAME"
+    conv_impl: str = "auto"
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, multiplier=None, offset=None) -> jax.Array:
+        """Convolves ``x``; ``multiplier``/``offset`` (per output channel) fold a BatchNorm in."""
+        kernel = self.param(
+            "kernel",
+            nn.initializers.lecun_normal(),
+            (*self.kernel_size, x.shape[-1], self.features),
+            self.param_dtype,
+        )
+        pads = explicit_pads(self.padding, x.shape[1:3], self.kernel_size, self.strides)
+        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+        fn = lambda k: conv(x, k.astype(x.dtype), self.strides, pads, self.conv_impl)
+        return _fold(kernel, fn, multiplier, offset)
 
 
 class DepthwiseConv2D(nn.Module):
@@ -84,7 +247,8 @@ class DepthwiseConv2D(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, multiplier=None, offset=None) -> jax.Array:
+        """Convolves ``x``; ``multiplier``/``offset`` (per channel) fold a BatchNorm in."""
         channels = x.shape[-1]
         kernel = self.param(
             "kernel",
@@ -98,24 +262,11 @@ class DepthwiseConv2D(nn.Module):
             else None
         )
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        if isinstance(self.padding, str):
-            pads = lax.padtype_to_pads(x.shape[1:3], self.kernel_size, self.strides, self.padding)
-        else:
-            pads = tuple(self.padding)
-        if resolve_conv_impl(self.conv_impl) == "lax":
-            y = lax.conv_general_dilated(
-                x,
-                kernel,
-                window_strides=self.strides,
-                padding=pads,
-                dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                feature_group_count=channels,
-            )
-        else:
-            if any(p != (0, 0) for p in pads):
-                x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
-            y = _depthwise_unrolled(x, kernel, self.strides)
-        return y if bias is None else y + bias
+        pads = explicit_pads(self.padding, x.shape[1:3], self.kernel_size, self.strides)
+        if bias is not None:  # conv(x) + b, then the affine map: fold b into the offset
+            offset = bias if offset is None else offset + bias * (1 if multiplier is None else multiplier)
+        fn = lambda k: depthwise_conv(x, k.astype(x.dtype), self.strides, pads, self.conv_impl)
+        return _fold(kernel, fn, multiplier, offset)
 
 
 class PointwiseConv(nn.Module):
@@ -136,7 +287,8 @@ class PointwiseConv(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, multiplier=None, offset=None) -> jax.Array:
+        """Convolves ``x``; ``multiplier``/``offset`` (per output channel) fold a BatchNorm in."""
         kernel = self.param(
             "kernel",
             nn.initializers.lecun_normal(),
@@ -149,10 +301,35 @@ class PointwiseConv(nn.Module):
             else None
         )
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        if resolve_conv_impl(self.conv_impl) == "lax":
-            y = lax.conv_general_dilated(
-                x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
-            )
-        else:
-            y = lax.dot_general(x, kernel[0, 0], (((x.ndim - 1,), (0,)), ((), ())))
-        return y if bias is None else y + bias
+        if bias is not None:
+            offset = bias if offset is None else offset + bias * (1 if multiplier is None else multiplier)
+        fn = lambda k: pointwise_conv(x, k.astype(x.dtype), self.conv_impl)
+        return _fold(kernel, fn, multiplier, offset)
+
+
+class BatchNormAffine(nn.Module):
+    """An inference-mode ``flax.linen.BatchNorm`` as its per-channel ``(multiplier, offset)``.
+
+    It declares exactly the variables of ``nn.BatchNorm`` (params ``scale``, ``bias``;
+    batch_stats ``mean``, ``var``), so a module can use it under the BatchNorm's name when
+    running averages are used, and fold ``y = x * multiplier + offset`` into the preceding
+    linear layer: ``multiplier = scale / sqrt(var + epsilon)``,
+    ``offset = bias - mean * multiplier`` (Keras's own inference formula).
+
+    Attributes:
+      epsilon: added to the variance.
+      param_dtype: dtype of ``scale`` and ``bias``.
+    """
+
+    epsilon: float = 1e-3
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, features: int) -> tuple[jax.Array, jax.Array]:
+        shape = (features,)
+        mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), shape)
+        var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), shape)
+        scale = self.param("scale", nn.initializers.ones, shape, self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, shape, self.param_dtype)
+        multiplier = scale * lax.rsqrt(var.value + self.epsilon)
+        return multiplier, bias - mean.value * multiplier

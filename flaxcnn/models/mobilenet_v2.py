@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from flaxcnn.models.layers import DepthwiseConv2D, PointwiseConv
+from flaxcnn.models.layers import BatchNormAffine, Conv2D, DepthwiseConv2D, PointwiseConv
 
 ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
 MIN_INPUT_SIZE = 32
@@ -129,7 +129,10 @@ class MobileNetV2(nn.Module):
       include_top: add global average pooling and the ``predictions`` dense layer.
       num_classes: classes of the top (1000 for ImageNet).
       pooling: without the top: ``None`` (feature map), ``'avg'`` or ``'max'`` (vectors).
-      conv_impl: depthwise/1x1 formulation, see ``flaxcnn.models.layers``; never changes results.
+      conv_impl: conv formulation, see ``flaxcnn.models.layers``; never changes results.
+      fold_batch_norm: with running averages (``train=False``), fold each BatchNorm into the
+        conv before it (kernel times ``scale / sqrt(var + eps)``, plus an offset): the same
+        variables, equal outputs up to float rounding, one pass over each activation fewer.
       dtype: computation dtype (e.g. ``jnp.bfloat16``); params and BN statistics stay float32.
     """
 
@@ -138,16 +141,23 @@ class MobileNetV2(nn.Module):
     num_classes: int = 1000
     pooling: str | None = None
     conv_impl: str = "auto"
+    fold_batch_norm: bool = True
     dtype: Any = jnp.float32
 
-    def _batch_norm(self, name: str, train: bool) -> nn.BatchNorm:
-        return nn.BatchNorm(
-            use_running_average=not train,
-            momentum=0.999,
-            epsilon=1e-3,
-            dtype=self.dtype,
-            name=name,
-        )
+    def _conv_bn(self, conv: nn.Module, bn_name: str, x: jax.Array, train: bool) -> jax.Array:
+        """``conv`` then the BatchNorm ``bn_name``; folded into the conv at inference."""
+        if train or not self.fold_batch_norm:
+            bn = nn.BatchNorm(
+                use_running_average=not train,
+                momentum=0.999,
+                epsilon=1e-3,
+                dtype=self.dtype,
+                name=bn_name,
+            )
+            return bn(conv(x))
+        features = getattr(conv, "features", None) or x.shape[-1]  # depthwise keeps channels
+        multiplier, offset = BatchNormAffine(epsilon=1e-3, name=bn_name)(features)
+        return conv(x, multiplier, offset)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -174,39 +184,39 @@ class MobileNetV2(nn.Module):
         relu6 = lambda y: jnp.minimum(nn.relu(y), 6.0)
         pointwise = functools.partial(PointwiseConv, conv_impl=self.conv_impl, dtype=self.dtype)
 
-        x = nn.Conv(
+        stem = Conv2D(
             make_divisible(32 * self.alpha, 8),
             (3, 3),
             strides=(2, 2),
             padding="SAME",
-            use_bias=False,
+            conv_impl=self.conv_impl,
             dtype=self.dtype,
             name="Conv1",
-        )(x)
-        x = relu6(self._batch_norm("bn_Conv1", train)(x))
+        )
+        x = relu6(self._conv_bn(stem, "bn_Conv1", x, train))
 
         for spec in block_specs(self.alpha):
             p = spec.prefix
             inputs = x
             if spec.expanded_channels is not None:
-                x = pointwise(spec.expanded_channels, name=p + "expand")(x)
-                x = relu6(self._batch_norm(p + "expand_BN", train)(x))
+                expand = pointwise(spec.expanded_channels, name=p + "expand")
+                x = relu6(self._conv_bn(expand, p + "expand_BN", x, train))
             padding = correct_pad(*x.shape[1:3]) if spec.stride == 2 else "SAME"
-            x = DepthwiseConv2D(
+            depthwise = DepthwiseConv2D(
                 strides=(spec.stride, spec.stride),
                 padding=padding,
                 conv_impl=self.conv_impl,
                 dtype=self.dtype,
                 name=p + "depthwise",
-            )(x)
-            x = relu6(self._batch_norm(p + "depthwise_BN", train)(x))
-            x = pointwise(spec.out_channels, name=p + "project")(x)
-            x = self._batch_norm(p + "project_BN", train)(x)
+            )
+            x = relu6(self._conv_bn(depthwise, p + "depthwise_BN", x, train))
+            project = pointwise(spec.out_channels, name=p + "project")
+            x = self._conv_bn(project, p + "project_BN", x, train)
             if spec.has_residual:
                 x = inputs + x
 
-        x = pointwise(last_conv_channels(self.alpha), name="Conv_1")(x)
-        x = relu6(self._batch_norm("Conv_1_bn", train)(x))
+        top_conv = pointwise(last_conv_channels(self.alpha), name="Conv_1")
+        x = relu6(self._conv_bn(top_conv, "Conv_1_bn", x, train))
 
         if self.include_top:
             x = jnp.mean(x, axis=(1, 2))
