@@ -120,7 +120,8 @@ def _first_readable(path: str | os.PathLike, read):
 
 def _read_metadata(step_dir: pathlib.Path) -> dict[str, Any]:
     checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-    restored = checkpointer.restore(step_dir, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
+    args = ocp.args.Composite(metadata=ocp.args.JsonRestore())
+    restored = checkpointer.restore(step_dir, args=args)
     return dict(restored["metadata"])
 
 

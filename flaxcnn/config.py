@@ -54,7 +54,7 @@ class TrainConfig:
     finetune_epochs: int = 10
     finetune_learning_rate: float = 1e-5
     fine_tune_at: str = "100"
-    weight_decay: float = 0.1  # AdamW, trainable kernels only: keeps the cached-feature head calibrated
+    weight_decay: float = 0.1  # AdamW, trainable kernels: keeps the cached-feature head calibrated
     # Run.
     seed: int = 0
     workdir: str | None = None

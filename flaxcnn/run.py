@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from flaxcnn import checkpoints, data, metrics, optim, pretrained, sharding, train
@@ -212,8 +213,11 @@ def _restore_latest(
         except Exception as e:
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
             log.warning("ignoring unreadable checkpoint %s (%s)", path, reason)
+    kept = int(restored[0].step) if restored else -1
+    if jax.process_count() > 1:
+        # Also a barrier: nothing is moved aside while another process may still read it.
+        multihost_utils.assert_equal(np.int64(kept), "processes restored different checkpoints")
     if jax.process_index() == 0:
-        kept = int(restored[0].step) if restored else -1
         newer = [p for p in latest_dir.iterdir() if p.name.isdigit() and int(p.name) > kept]
         for path in sorted(newer):
             aside, n = path.with_name(f"{path.name}.unreadable"), 1

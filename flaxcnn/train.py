@@ -103,7 +103,9 @@ def train_step(
             variables["batch_stats"] = state.batch_stats
         kwargs = dict(train=True, rngs={"dropout": dropout_rng})
         if update_batch_stats:
-            logits, updates = apply_fn(variables, batch[input_key], mutable=["batch_stats"], **kwargs)
+            logits, updates = apply_fn(
+                variables, batch[input_key], mutable=["batch_stats"], **kwargs
+            )
         else:
             logits, updates = apply_fn(variables, batch[input_key], **kwargs), {}
         sums = metrics.classification_sums(logits, batch["label"], batch.get("mask"))

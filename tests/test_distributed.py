@@ -4,18 +4,20 @@ JAX fixes the device count when it starts, so the multi-device checks run this f
 script in fresh processes on CPU: ``XLA_FLAGS=--xla_force_host_platform_device_count=N``
 simulates N devices, and two processes on 127.0.0.1 (gloo collectives) simulate two hosts.
 
-  * ``parity`` (one process, 4 devices): the same global batches on a 4-device mesh and on a
-    1-device mesh (``jax.devices()[:1]``) give the same losses and the same TrainState for
-    head training on cached features, fine-tuning, and a MobileNetV2 whose BatchNorm trains
-    (global-batch statistics); a checkpoint saved on 4 devices restores on 1 and the
-    reverse; bf16 keeps params, optimizer state and BN statistics in float32.
-  * ``multihost`` (two processes, 2 devices each): ``fit`` reaches the parameters of the
-    same run in this (1-device) process; each process reads only its share of every batch;
-    only process 0 writes reports; the collective checkpoint restores in one process and
-    ``--resume`` continues it on a different device count.
+  * ``parity`` (one process, 4 devices, started in the background when the module starts):
+    the same global batches on a 4-device mesh and on a 1-device mesh (``jax.devices()[:1]``)
+    give the same losses and TrainState for head training on cached features, fine-tuning,
+    and a MobileNetV2 whose BatchNorm trains (global-batch statistics); a checkpoint saved
+    on 4 devices restores on 1 and the reverse; bf16 keeps params, Adam state and BN
+    statistics in float32.
+  * ``multihost`` (two processes, 2 devices each): ``fit(resume=True)`` from a 1-device
+    run's checkpoint reaches that run's parameters; each process reads only its share of
+    every batch; only process 0 writes reports; the collective checkpoints restore in one
+    process, and ``--resume`` continues them there on 1 device.
 
 Model variables come from ``jax.eval_shape`` plus numpy, not ``model.init``: compiling the
-initialiser costs more than every train step here together.
+initialiser costs more than every train step here together (and the two processes resume
+for the same reason).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Faults a run must survive, each injected for real: kill -9, SIGTERM/SIGINT, broken
-checkpoints, NaN, broken images, bad flags and paths. docs/failure_modes.md lists them.
+checkpoints, NaN, broken images, bad flags and paths. README.md "Failure modes" lists them.
 
 The end-to-end tests run the real CLI in subprocesses on a tiny MobileNetV2 (alpha 0.35,
 32x32, random init, 'lax' convs) over 16+8 real photos per class plus broken and odd image
@@ -83,7 +83,7 @@ def cache_dir(tmp_path_factory) -> pathlib.Path:
 
 @pytest.fixture(scope="module")
 def env(cache_dir) -> dict[str, str]:
-    # JAX_PLATFORMS=cpu: bit-identical results are a CPU guarantee (docs/failure_modes.md).
+    # JAX_PLATFORMS=cpu: bit-identical results are a CPU guarantee (README.md, Failure modes).
     # XLA's CPU backend at -O0 compiles MobileNetV2 about 3x faster; every process of these
     # tests uses it, so their results stay comparable bit for bit.
     xla_flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0"
@@ -316,9 +316,13 @@ def test_broken_images_are_skipped_and_counted_in_a_whole_run(reference):
 
 
 @pytest.mark.slow
+# Orbax leaves an un-awaited coroutine and a closed event loop behind a failed restore.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
 def test_restore_skips_partial_and_corrupted_steps_with_a_warning(
     reference, tmp_path, caplog, monkeypatch
 ):
+    """flaxcnn.checkpoints.restore on a run folder whose newest steps are broken."""
     reference.result()
     run = tmp_path / "run"
     for sub in (checkpoints.LATEST_DIR, checkpoints.BEST_DIR):

@@ -156,6 +156,6 @@ def test_resume_from_mid_run_checkpoint_reaches_identical_results(tiny_cats_vs_d
 
     assert _comparable(resumed.summary["epochs"]) == _comparable(full.summary["epochs"])
     for a, b in zip(
-        jax.tree.leaves(full.state.variables), jax.tree.leaves(resumed.state.variables)
+        jax.tree.leaves(full.state.variables), jax.tree.leaves(resumed.state.variables), strict=True
     ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

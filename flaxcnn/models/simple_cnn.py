@@ -36,7 +36,9 @@ class SimpleCNN(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Maps images ``[N, H, W, C]`` to logits ``[N, num_classes]``."""
         for i, width in enumerate(self.features):
-            x = nn.Conv(width, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, name=f"conv_{i}")(x)
+            pad = ((1, 1), (1, 1))
+            conv = nn.Conv(width, (3, 3), padding=pad, dtype=self.dtype, name=f"conv_{i}")
+            x = conv(x)
             x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
         x = x.reshape(x.shape[0], -1)
         for i, width in enumerate(self.dense_features):

@@ -58,7 +58,7 @@ def read_keras_h5(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
         raise WeightsError(f"weights file {path} does not exist; pass an existing .h5 file")
     try:
         with h5py.File(path, "r") as f:
-            group = f["model_weights"] if "model_weights" in f else f
+            group = f.get("model_weights", f)
             if "layer_names" not in group.attrs:
                 raise WeightsError(
                     f"{path} is HDF5 but not a Keras weights file (no 'layer_names' attribute); "

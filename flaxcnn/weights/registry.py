@@ -102,5 +102,7 @@ def find_spec(alpha: float, input_size: int | tuple[int, int], include_top: bool
     size = input_size if isinstance(input_size, int) else round(sum(input_size) / 2)
     rows = min(_ALPHA_RESOLUTIONS[alpha], key=lambda r: (abs(r - size), -r))
     return next(
-        s for s in SPECS if s.alpha == alpha and s.resolution == rows and s.include_top == include_top
+        s
+        for s in SPECS
+        if s.alpha == alpha and s.resolution == rows and s.include_top == include_top
     )
