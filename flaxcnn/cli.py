@@ -94,9 +94,10 @@ def build_parser(prog: str, description: str, defaults: config_lib.TrainConfig,
     parser.add_argument("--no-compilation-cache", action="store_true",
                         help="disable JAX's persistent compilation cache")
     parser.add_argument("--distributed", action="store_true",
-                        help="call jax.distributed.initialize() (multi-host: reads the "
-                        "coordinator/process settings from the cluster environment or "
-                        "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)")
+                        help="initialise JAX's distributed runtime (multi-host): settings come from "
+                        "the detected cluster (SLURM, TPU, MPI, Kubernetes) or from "
+                        "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID; see "
+                        "docs/scaling.md")
     return parser
 
 
@@ -155,9 +156,9 @@ def main(argv: Sequence[str] | None, *, prog: str, description: str,
         workdir = pathlib.Path(args.workdir or pathlib.Path("checkpoints") / default_name)
         workdir = workdir.expanduser().resolve()
         if args.distributed:
-            import jax
+            from flaxcnn import sharding
 
-            jax.distributed.initialize()
+            sharding.initialize_distributed()
         weights = config.weights
         if weights not in (None, "imagenet") and not pathlib.Path(weights).expanduser().is_file():
             raise config_lib.ConfigError(
