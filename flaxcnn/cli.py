@@ -94,7 +94,8 @@ def build_parser(prog: str, description: str, defaults: config_lib.TrainConfig,
     parser.add_argument("--no-compilation-cache", action="store_true",
                         help="disable JAX's persistent compilation cache")
     parser.add_argument("--distributed", action="store_true",
-                        help="initialise JAX's distributed runtime (multi-host): settings come from "
+                        help="initialise JAX's distributed runtime (multi-host): settings come "
+                        "from "
                         "the detected cluster (SLURM, TPU, MPI, Kubernetes) or from "
                         "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID; see "
                         "docs/scaling.md")

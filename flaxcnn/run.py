@@ -361,7 +361,7 @@ def _fit(config: TrainConfig, workdir, resume: bool, stores: list) -> FitResult:
 
             def train_iter(epoch, start_batch, phase=phase):
                 if phase.cached_features:
-                    return train.feature_batches(cache["train"], config.batch_size,
+                    return train.feature_batches(cache["train"], config.batch_size,  # noqa: B023 - called within this iteration
                                                  seed=config.seed, epoch=epoch,
                                                  start_batch=start_batch, **shard)  # fmt: skip
                 return data.train_batches(dataset, **common, augment=phase.augment,
@@ -370,7 +370,7 @@ def _fit(config: TrainConfig, workdir, resume: bool, stores: list) -> FitResult:
 
             def val_iter(phase=phase):
                 if phase.cached_features:
-                    return train.feature_batches(cache["validation"], config.batch_size,
+                    return train.feature_batches(cache["validation"], config.batch_size,  # noqa: B023 - called within this iteration
                                                  seed=None, **shard)  # fmt: skip
                 return data.eval_batches(dataset, "validation", **common, **shard)
 
@@ -391,15 +391,15 @@ def _fit(config: TrainConfig, workdir, resume: bool, stores: list) -> FitResult:
                 epoch_steps = _continuing(steps, partial)
                 t_epoch = time.time()
                 bar = tqdm(total=n_batches, initial=start_batch, disable=not is_main,
-                           desc=f"epoch {epoch} [{phase.name}]", leave=False, unit="batch")  # fmt: skip
+                           desc=f"epoch {epoch} [{phase.name}]", leave=False, unit="batch")  # fmt: skip  # noqa: E501
                 done = [start_batch]
 
                 def on_step(s, total, bar=bar, done=done):
                     done[0] += 1
                     bar.update(1)
-                    if done[0] % config.log_every == 0 or done[0] == n_batches:
+                    if done[0] % config.log_every == 0 or done[0] == n_batches:  # noqa: B023 - called within this iteration
                         running = metrics.finalize(total)
-                        metrics.check_finite(running["loss"], int(s.step), epoch)
+                        metrics.check_finite(running["loss"], int(s.step), epoch)  # noqa: B023 - called within this iteration
                         bar.set_postfix(loss=f"{running['loss']:.4f}",
                                         acc=f"{running['accuracy']:.4f}")  # fmt: skip
                     return bool(received)
@@ -419,7 +419,7 @@ def _fit(config: TrainConfig, workdir, resume: bool, stores: list) -> FitResult:
                     meta = {**base_metadata, "phase_index": phase_index, "epoch": epoch - 1,
                             "epoch_in_phase": epoch_in_phase, "batch": done[0],
                             "phase_complete": False, "history": history,
-                            "partial": {k: float(v) for k, v in jax.device_get(sums).items()}}  # fmt: skip
+                            "partial": {k: float(v) for k, v in jax.device_get(sums).items()}}  # fmt: skip  # noqa: E501
                     store.save(state, meta, best=False)
                     store.wait()
                     raise Interrupted(
@@ -433,7 +433,7 @@ def _fit(config: TrainConfig, workdir, resume: bool, stores: list) -> FitResult:
                 seconds = time.time() - t_epoch
                 record = {
                     "epoch": epoch, "phase": phase.name,
-                    "train_loss": train_metrics["loss"], "train_accuracy": train_metrics["accuracy"],
+                    "train_loss": train_metrics["loss"], "train_accuracy": train_metrics["accuracy"],  # noqa: E501
                     "val_loss": val["loss"], "val_accuracy": val["accuracy"],
                     "learning_rate": phase.learning_rate, "epoch_seconds": round(seconds, 3),
                     "wall_seconds": round(time.time() - run_start, 3),
