@@ -16,17 +16,25 @@ missing or corrupt, is skipped with a warning naming it and the previous good st
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import pathlib
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import linen as nn
+from jax.experimental import multihost_utils
 
+from flaxcnn import sharding
 from flaxcnn.models import build_model
+
+if TYPE_CHECKING:
+    from flaxcnn.train import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -186,3 +194,115 @@ def _restore_step(step_dir: pathlib.Path, dtype: Any, conv_impl: str):
             variables["batch_stats"] = state["batch_stats"]
     log.info("restored %s", step_dir)
     return model, variables, metadata
+
+
+@dataclasses.dataclass(frozen=True)
+class BestSnapshot:
+    """The best epoch so far, held on the host until the next checkpoint write."""
+
+    step: int
+    variables: Any
+    metadata: dict
+
+    @classmethod
+    def of(cls, state: TrainState, metadata: dict) -> BestSnapshot:
+        # A host copy: the next step donates (deletes) the state's device buffers.
+        variables = jax.device_get(state.variables)
+        return cls(int(state.step), variables, json.loads(json.dumps(metadata)))
+
+
+class RunCheckpoints:
+    """The latest (resumable) and best (inference) Orbax streams of one workdir."""
+
+    def __init__(self, workdir: pathlib.Path, keep: int):
+        # cleanup_tmp_directories: a save killed mid-write leaves a '<step>.orbax-checkpoint-tmp-*'
+        # folder; it never counts as a checkpoint, and is removed when the next run starts.
+        # barrier_sync_key_prefix: both managers save the same step asynchronously, and Orbax
+        # names its cross-process barriers by step alone; with several processes they collide.
+        options = lambda n, name: ocp.CheckpointManagerOptions(
+            max_to_keep=n, create=True, cleanup_tmp_directories=True,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                barrier_sync_key_prefix=name))  # fmt: skip
+        self.latest_dir = workdir / LATEST_DIR
+        self.best_dir = workdir / BEST_DIR
+        self.latest = ocp.CheckpointManager(self.latest_dir, options=options(keep, "latest"))
+        self.best = ocp.CheckpointManager(self.best_dir, options=options(1, "best"))
+
+    def save(self, state: TrainState, metadata: dict, *, best: BestSnapshot | None) -> None:
+        """Saves ``state`` to the latest stream and ``best`` (if any) to the best stream."""
+        step = int(state.step)
+        # Orbax writes the JSON in a background thread: snapshot it now, before the caller's
+        # history list grows (a later epoch would otherwise leak into this checkpoint).
+        metadata = json.loads(json.dumps(metadata))
+        if step not in self.latest.all_steps():  # else a re-save after resume at the same step
+            self.latest.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state.to_checkpoint()),
+                metadata=ocp.args.JsonSave(metadata)))  # fmt: skip
+        # A best step that a killed run saved ahead of its latest one holds this same state
+        # (training is deterministic); Orbax would skip it anyway (steps <= its newest).
+        if best is not None and best.step not in self.best.all_steps():
+            self.best.save(best.step, args=ocp.args.Composite(
+                variables=ocp.args.StandardSave(best.variables),
+                metadata=ocp.args.JsonSave(json.loads(json.dumps(best.metadata)))))  # fmt: skip
+
+    def wait(self) -> None:
+        """Blocks until asynchronous saves are on disk; raises if one failed."""
+        self.latest.wait_until_finished()
+        self.best.wait_until_finished()
+        self.latest.check_for_errors()
+        self.best.check_for_errors()
+
+    def close(self) -> None:
+        """Finishes saves in flight and stops Orbax's threads: a run stopped by an error
+        (NaN, Ctrl-C, a bug) still leaves its last good checkpoint complete on disk."""
+        for manager in (self.latest, self.best):
+            try:
+                manager.wait_until_finished()
+                manager.close()
+            except Exception as e:  # already failing: report, do not mask the first error
+                log.warning("could not finish writing checkpoints in %s (%s)",
+                            manager.directory, e)  # fmt: skip
+
+
+
+def restore_latest_state(
+    latest_dir: pathlib.Path, template_for, mesh: jax.sharding.Mesh
+) -> tuple[TrainState, dict] | None:
+    """Newest readable checkpoint, replicated over ``mesh`` whatever device count saved it
+    (orbax#648); broken ones are skipped with a warning naming them.
+
+    ``template_for(metadata)`` gives the TrainState template of that checkpoint's phase (an
+    older step may belong to an earlier phase, with another optimizer state). Incomplete or
+    unreadable steps newer than the restored one are moved aside to ``<step>.unreadable``
+    (kept for inspection): Orbax never writes a step at or below its newest one, so left in
+    place they would stop the resumed run from saving those steps again.
+    """
+    handler = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    restored = None
+    for step in reversed(complete_steps(latest_dir)):
+        path = latest_dir / str(step)
+        try:
+            metadata = read_metadata(path)
+            template = template_for(metadata)
+            target = sharding.abstract_replicated(template.to_checkpoint(), mesh)
+            tree = handler.restore(path, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target)))  # fmt: skip
+            restored = template.from_checkpoint(tree["state"]), metadata
+            break
+        except Exception as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            log.warning("ignoring unreadable checkpoint %s (%s)", path, reason)
+    kept = int(restored[0].step) if restored else -1
+    if jax.process_count() > 1:
+        # Also a barrier: nothing is moved aside while another process may still read it.
+        multihost_utils.assert_equal(np.int64(kept), "processes restored different checkpoints")
+    if jax.process_index() == 0:
+        newer = [p for p in latest_dir.iterdir() if p.name.isdigit() and int(p.name) > kept]
+        for path in sorted(newer):
+            aside, n = path.with_name(f"{path.name}.unreadable"), 1
+            while aside.exists():
+                n += 1
+                aside = path.with_name(f"{path.name}.unreadable{n}")
+            path.rename(aside)
+            log.warning("moved the unreadable checkpoint aside to %s", aside)
+    return restored

@@ -40,19 +40,26 @@ HELP = {
     "conv_impl": "convolution formulation (auto: fastest for the backend; results identical)",
     "head_epochs": "epochs of phase 1 (feature extraction: frozen backbone); default: 50 "
     "on cached features (nearly free), 10 otherwise",
-    "head_learning_rate": "peak Adam learning rate of phase 1 (cosine decay to 0 over the phase)",
+    "head_learning_rate": "peak AdamW learning rate of phase 1",
     "feature_cache": "phase 1 on cached backbone features (auto: on; the head phase then "
     "trains without augmentation)",
     "early_stopping_patience": "stop a phase after this many epochs without validation "
     "accuracy improvement (0: off)",
     "finetune_epochs": "epochs of phase 2 (fine-tuning); numbering continues from phase 1",
-    "finetune_learning_rate": "Adam learning rate of phase 2",
+    "finetune_learning_rate": "peak AdamW learning rate of phase 2",
+    "finetune_warmup_epochs": "epochs of linear learning-rate warm-up from 0 at the start of "
+    "phase 2 (the head's first gradients on augmented images are large)",
+    "lr_schedule": "learning rate over each phase: cosine decay from the phase's rate to 0, "
+    "or constant (the Keras tutorial)",
     "fine_tune_at": "first trainable backbone layer in phase 2: Keras layer index (100 as in "
     "the TensorFlow tutorial) or a layer/block name (block_11, Conv_1)",
     "weight_decay": "decoupled weight decay on trainable kernels (AdamW); frozen leaves "
     "stay bit-identical",
     "seed": "seed of initialisation, data order, augmentation and dropout",
     "keep_checkpoints": "resumable checkpoints kept (the best one is kept separately)",
+    "checkpoint_every_seconds": "save at the end of an epoch only if this long has passed "
+    "since the last save (always at a phase's end and on SIGTERM/SIGINT; the best epoch is "
+    "held in memory until then); 0: every epoch",
     "log_every": "steps between progress-bar metric updates",
 }
 USER_ERRORS = (
@@ -73,7 +80,8 @@ def build_parser(prog: str, description: str, defaults: config_lib.TrainConfig,
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     fields = {f.name: f for f in dataclasses.fields(config_lib.TrainConfig)}
     choices = {"model": config_lib.MODELS, "dtype": config_lib.DTYPES,
-               "feature_cache": config_lib.FEATURE_CACHE}  # fmt: skip
+               "feature_cache": config_lib.FEATURE_CACHE,
+               "lr_schedule": config_lib.LR_SCHEDULES}  # fmt: skip
     for name in flags:
         default = getattr(defaults, name)
         flag = "--" + name.replace("_", "-")

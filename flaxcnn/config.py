@@ -17,6 +17,7 @@ from flaxcnn.models import ALPHAS, CONV_IMPLS
 DTYPES = ("float32", "bfloat16")
 MODELS = ("mobilenet_v2", "simple_cnn")
 FEATURE_CACHE = ("auto", "on", "off")
+LR_SCHEDULES = ("cosine", "constant")
 
 
 class ConfigError(ValueError):
@@ -52,13 +53,16 @@ class TrainConfig:
     early_stopping_patience: int = 0
     # Phase 2: fine-tuning.
     finetune_epochs: int = 10
-    finetune_learning_rate: float = 1e-5
+    finetune_learning_rate: float = 5e-5
     fine_tune_at: str = "100"
+    finetune_warmup_epochs: int = 0  # linear warm-up from 0 before the schedule
+    lr_schedule: str = "cosine"  # per phase: from the phase's learning rate to 0
     weight_decay: float = 0.1  # AdamW, trainable kernels: keeps the cached-feature head calibrated
     # Run.
     seed: int = 0
     workdir: str | None = None
     keep_checkpoints: int = 3
+    checkpoint_every_seconds: float = 30.0  # 0: every epoch (see README "Checkpoints")
     log_every: int = 10
 
     def __post_init__(self) -> None:
@@ -78,14 +82,18 @@ class TrainConfig:
         check(self.head_epochs is None or self.head_epochs >= 0, "head-epochs",
               "an integer >= 0")
         check(self.finetune_epochs >= 0, "finetune-epochs", "an integer >= 0")
+        check(self.finetune_warmup_epochs >= 0, "finetune-warmup-epochs", "an integer >= 0")
         # `inf` passes `> 0`, and would train on NaN weights from the first step on.
         positive = lambda x: 0 < x < math.inf
         check(positive(self.head_learning_rate), "head-learning-rate", "a positive number")
         check(positive(self.finetune_learning_rate), "finetune-learning-rate",
               "a positive number")
+        check(self.lr_schedule in LR_SCHEDULES, "lr-schedule", ", ".join(LR_SCHEDULES))
         check(self.feature_cache in FEATURE_CACHE, "feature-cache", ", ".join(FEATURE_CACHE))
         check(self.early_stopping_patience >= 0, "early-stopping-patience", "an integer >= 0")
         check(0 <= self.weight_decay < math.inf, "weight-decay", "a number >= 0")
+        check(0 <= self.checkpoint_every_seconds < math.inf, "checkpoint-every-seconds",
+              "a number >= 0")
         check(self.keep_checkpoints >= 1, "keep-checkpoints", "an integer >= 1")
         check(self.log_every >= 1, "log-every", "an integer >= 1")
         if self.model == "simple_cnn":

@@ -35,6 +35,11 @@ def classification_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array | 
     }
 
 
+def zero_sums() -> dict:
+    """The sums of no examples (the start of an accumulation)."""
+    return {k: np.zeros((), np.float32) for k in ("loss_sum", "correct", "count")}
+
+
 def add_sums(total: dict | None, sums: dict) -> dict:
     return sums if total is None else jax.tree.map(jnp.add, total, sums)
 
@@ -85,8 +90,13 @@ def write_reports(
     history: Sequence[Mapping[str, Any]],
     *,
     summary: Mapping[str, Any] | None = None,
+    plot: bool = True,
 ) -> None:
-    """Writes ``metrics.json``, ``metrics.csv`` and ``curves.png`` into ``workdir``."""
+    """Writes ``metrics.json``, ``metrics.csv`` and (``plot``) ``curves.png`` into ``workdir``.
+
+    Plotting costs ~0.5 s (seconds on a busy machine), more than a whole epoch of a head on
+    cached features, so ``fit`` redraws the curves only now and then and at the end.
+    """
     workdir = pathlib.Path(workdir)
     payload = {"epochs": list(history), **(dict(summary) if summary else {})}
     tmp = workdir / "metrics.json.tmp"
@@ -96,7 +106,7 @@ def write_reports(
         writer = csv.DictWriter(f, CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(history)
-    if history:
+    if history and plot:
         plot_curves(history, workdir / "curves.png")
 
 

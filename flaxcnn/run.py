@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import pathlib
@@ -28,8 +27,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from flaxcnn import checkpoints, data, metrics, optim, pretrained, sharding, train
@@ -38,6 +35,7 @@ from flaxcnn.models import build_model
 
 log = logging.getLogger(__name__)
 FORMAT = "flaxcnn/1"
+PLOT_EVERY_SECONDS = 30  # curves.png is redrawn at most this often within a phase
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +60,6 @@ class Phase:
     trainable_from: str
     cached_features: bool
     augment: bool
-    cosine_decay: bool = False  # learning rate decays to 0 over the phase (cosine)
 
 
 def plan_phases(config: TrainConfig) -> list[Phase]:
@@ -78,8 +75,7 @@ def plan_phases(config: TrainConfig) -> list[Phase]:
     first = optim.fine_tune_layer(config.fine_tune_at, config.alpha)
     return [
         Phase("head", head_epochs, config.head_learning_rate,
-              tuple(optim.transfer_rules(None)), "head", cache, config.augment and not cache,
-              cosine_decay=True),
+              tuple(optim.transfer_rules(None)), "head", cache, config.augment and not cache),
         Phase("finetune", config.finetune_epochs, config.finetune_learning_rate,
               tuple(optim.transfer_rules(first, config.alpha)), f"backbone/{first}", False,
               config.augment),
@@ -133,100 +129,189 @@ def _stop_on_signals():
             signal.signal(sig, old)
 
 
-class _Checkpoints:
-    """The latest (resumable) and best (inference) Orbax streams of one workdir."""
+class _EpochProgress:
+    """The progress bar of one epoch: ``run_epoch``'s ``on_step`` callback.
 
-    def __init__(self, workdir: pathlib.Path, keep: int):
-        # cleanup_tmp_directories: a save killed mid-write leaves a '<step>.orbax-checkpoint-tmp-*'
-        # folder; it never counts as a checkpoint, and is removed when the next run starts.
-        # barrier_sync_key_prefix: both managers save the same step asynchronously, and Orbax
-        # names its cross-process barriers by step alone; with several processes they collide.
-        options = lambda n, name: ocp.CheckpointManagerOptions(
-            max_to_keep=n, create=True, cleanup_tmp_directories=True,
-            multiprocessing_options=ocp.options.MultiprocessingOptions(
-                barrier_sync_key_prefix=name))  # fmt: skip
-        self.latest_dir = workdir / checkpoints.LATEST_DIR
-        self.best_dir = workdir / checkpoints.BEST_DIR
-        self.latest = ocp.CheckpointManager(self.latest_dir, options=options(keep, "latest"))
-        self.best = ocp.CheckpointManager(self.best_dir, options=options(1, "best"))
+    Every ``log_every`` steps it starts copying the running metric sums to the host and shows
+    those of the previous report, which have arrived meanwhile: the host never waits for the
+    step it has just dispatched, so no round-trip stalls the device inside an epoch. A NaN loss
+    is therefore caught up to ``log_every`` steps late, and always before the epoch is saved.
+    """
 
-    def save(self, state: train.TrainState, metadata: dict, *, best: bool) -> None:
-        step = int(state.step)
-        # Orbax writes the JSON in a background thread: snapshot it now, before the caller's
-        # history list grows (a later epoch would otherwise leak into this checkpoint).
-        metadata = json.loads(json.dumps(metadata))
-        if step not in self.latest.all_steps():  # else a re-save after resume at the same step
-            self.latest.save(step, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state.to_checkpoint()),
-                metadata=ocp.args.JsonSave(metadata)))  # fmt: skip
-        # A best step that a killed run saved ahead of its latest one holds this same state
-        # (training is deterministic); Orbax would skip it anyway (steps <= its newest).
-        if best and step not in self.best.all_steps():
-            self.best.save(step, args=ocp.args.Composite(
-                variables=ocp.args.StandardSave(state.variables),
-                metadata=ocp.args.JsonSave(metadata)))  # fmt: skip
+    def __init__(
+        self, desc: str, epoch: int, n_batches: int, start_batch: int, first_step: int,
+        log_every: int, *, enabled: bool, stop: list,
+    ) -> None:  # fmt: skip
+        self.bar = tqdm(total=n_batches, initial=start_batch, disable=not enabled, desc=desc,
+                        leave=False, unit="batch")  # fmt: skip
+        self.epoch, self.n_batches, self.log_every, self.stop = epoch, n_batches, log_every, stop
+        self.done, self.step = start_batch, first_step
+        self.pending: tuple[dict, int] | None = None
 
-    def wait(self) -> None:
-        """Blocks until asynchronous saves are on disk; raises if one failed."""
-        self.latest.wait_until_finished()
-        self.best.wait_until_finished()
-        self.latest.check_for_errors()
-        self.best.check_for_errors()
+    def __call__(self, state: train.TrainState, total: dict, n_steps: int = 1) -> bool:
+        self.done += n_steps
+        self.step += n_steps
+        self.bar.update(n_steps)
+        last = self.done == self.n_batches
+        if self.done // self.log_every > (self.done - n_steps) // self.log_every or last:
+            report = (total, self.step)
+            if last:  # the epoch ends here and waits for its sums anyway
+                shown, self.pending = report, None
+            else:
+                for leaf in jax.tree.leaves(total):
+                    leaf.copy_to_host_async()
+                shown, self.pending = self.pending, report
+            if shown is not None:
+                running = metrics.finalize(shown[0])
+                metrics.check_finite(running["loss"], shown[1], self.epoch)
+                self.bar.set_postfix(loss=f"{running['loss']:.4f}",
+                                     acc=f"{running['accuracy']:.4f}")  # fmt: skip
+        return bool(self.stop)
 
     def close(self) -> None:
-        """Finishes saves in flight and stops Orbax's threads: a run stopped by an error
-        (NaN, Ctrl-C, a bug) still leaves its last good checkpoint complete on disk."""
-        for manager in (self.latest, self.best):
-            try:
-                manager.wait_until_finished()
-                manager.close()
-            except Exception as e:  # already failing: report, do not mask the first error
-                log.warning("could not finish writing checkpoints in %s (%s)",
-                            manager.directory, e)  # fmt: skip
+        self.bar.close()
 
 
+@dataclasses.dataclass(frozen=True)
+class _PhaseData:
+    """Where one phase's batches come from: cached backbone features, or the image pipeline."""
 
-def _restore_latest(
-    latest_dir: pathlib.Path, template_for, mesh: jax.sharding.Mesh
-) -> tuple[train.TrainState, dict] | None:
-    """Newest readable checkpoint, replicated over ``mesh`` whatever device count saved it
-    (orbax#648); broken ones are skipped with a warning naming them.
+    dataset: data.ImageDataset
+    cache: dict[str, dict[str, np.ndarray]] | None
+    augment: bool
+    config: TrainConfig
+    common: dict
+    shard: dict
+    mesh: jax.sharding.Mesh
 
-    ``template_for(metadata)`` gives the TrainState template of that checkpoint's phase (an
-    older step may belong to an earlier phase, with another optimizer state). Incomplete or
-    unreadable steps newer than the restored one are moved aside to ``<step>.unreadable``
-    (kept for inspection): Orbax never writes a step at or below its newest one, so left in
-    place they would stop the resumed run from saving those steps again.
+    @classmethod
+    def build(cls, phase: Phase, dataset, model, state, mesh, config, common, shard) -> _PhaseData:
+        cache = None
+        if phase.cached_features:
+            t0 = time.time()
+            cache = {split: train.extract_features(
+                model, state.variables, data.eval_batches(dataset, split, **common, **shard), mesh)
+                for split in ("train", "validation")}  # fmt: skip
+            log.info("cached %d + %d feature vectors in %.1f s", len(cache["train"]["label"]),
+                     len(cache["validation"]["label"]), time.time() - t0)  # fmt: skip
+        source = cls(dataset, cache, phase.augment, config, common, shard, mesh)
+        if source.n_batches == 0:
+            raise data.DataError(f"the train split has fewer examples than --batch-size "
+                                 f"{config.batch_size}; lower --batch-size")  # fmt: skip
+        return source
+
+    @property
+    def n_batches(self) -> int:
+        if self.cache is not None:
+            return len(self.cache["train"]["label"]) // self.config.batch_size
+        return data.num_batches(self.dataset, "train", self.config.batch_size,
+                                drop_remainder=True)  # fmt: skip
+
+    def validation(self):
+        if self.cache is not None:
+            return train.feature_batches(self.cache["validation"], self.config.batch_size,
+                                         seed=None, **self.shard)  # fmt: skip
+        return data.eval_batches(self.dataset, "validation", **self.common, **self.shard)
+
+    def run_epoch(self, steps, state, epoch: int, start_batch: int, partial, progress):
+        """Trains one epoch from ``start_batch`` on (``partial``: the sums before it)."""
+        seed = self.config.seed
+        if self.cache is not None:  # in memory: whole chunks of steps per call (lax.scan)
+            batches = train.feature_batches(self.cache["train"], self.config.batch_size,
+                                            seed=seed, epoch=epoch, start_batch=start_batch,
+                                            **self.shard)  # fmt: skip
+            carried = None if partial is None else _as_sums(partial)
+            state, sums = train.run_epoch_in_memory(
+                steps, state, batches, self.mesh, initial_sums=carried, on_step=progress
+            )
+        else:
+            batches = data.train_batches(self.dataset, **self.common, augment=self.augment,
+                                         seed=seed, epoch=epoch, start_batch=start_batch,
+                                         **self.shard)  # fmt: skip
+            state, sums = train.run_epoch(_continuing(steps, partial), state, batches, self.mesh,
+                                          on_step=progress)  # fmt: skip
+        if sums is None:  # resumed after the epoch's last batch (older checkpoints)
+            sums = _as_sums(partial)
+        return state, sums
+
+
+class _Bookkeeping:
+    """What ``fit`` keeps across epochs: history, best accuracy, checkpoint and plot timers.
+
+    Checkpoints are written at an epoch's end when ``checkpoint_every_seconds`` have passed
+    since the last write, at a phase's end and on a signal; an improved epoch in between
+    waits in host memory (``BestSnapshot``) so that ``best/`` never misses it.
     """
-    handler = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-    restored = None
-    for step in reversed(checkpoints.complete_steps(latest_dir)):
-        path = latest_dir / str(step)
-        try:
-            metadata = checkpoints.read_metadata(path)
-            template = template_for(metadata)
-            target = sharding.abstract_replicated(template.to_checkpoint(), mesh)
-            tree = handler.restore(path, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target)))  # fmt: skip
-            restored = template.from_checkpoint(tree["state"]), metadata
-            break
-        except Exception as e:
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            log.warning("ignoring unreadable checkpoint %s (%s)", path, reason)
-    kept = int(restored[0].step) if restored else -1
-    if jax.process_count() > 1:
-        # Also a barrier: nothing is moved aside while another process may still read it.
-        multihost_utils.assert_equal(np.int64(kept), "processes restored different checkpoints")
-    if jax.process_index() == 0:
-        newer = [p for p in latest_dir.iterdir() if p.name.isdigit() and int(p.name) > kept]
-        for path in sorted(newer):
-            aside, n = path.with_name(f"{path.name}.unreadable"), 1
-            while aside.exists():
-                n += 1
-                aside = path.with_name(f"{path.name}.unreadable{n}")
-            path.rename(aside)
-            log.warning("moved the unreadable checkpoint aside to %s", aside)
-    return restored
+
+    def __init__(self, workdir: pathlib.Path, store: checkpoints.RunCheckpoints, is_main: bool,
+                 config: TrainConfig, history: list[dict]) -> None:  # fmt: skip
+        self.workdir, self.store, self.is_main, self.config = workdir, store, is_main, config
+        self.history = history
+        self.best_accuracy = max((h["val_accuracy"] for h in history), default=-1.0)
+        self.run_start = time.time() - (history[-1]["wall_seconds"] if history else 0.0)
+        self.last_plot, self.last_save = 0.0, time.time()
+        self.pending_best: checkpoints.BestSnapshot | None = None
+        self.received: list[int] = []
+
+    def _save(self, state: train.TrainState, position: dict, extra: dict) -> None:
+        meta = {**position, "history": self.history, **extra}
+        self.store.save(state, meta, best=self.pending_best)
+        self.pending_best, self.last_save = None, time.time()
+
+    def interrupt_mid_epoch(self, state, sums, epoch: int, batch: int, position: dict):
+        """Saves the batch position and the epoch's partial sums, then raises Interrupted."""
+        step = int(state.step)
+        metrics.check_finite(metrics.finalize(sums)["loss"], step, epoch)
+        metrics.check_finite_params(state.variables, step, epoch)
+        partial = {k: float(v) for k, v in jax.device_get(sums).items()}
+        self._save(state, position, {"partial": partial})
+        self.store.wait()
+        raise Interrupted(
+            f"stopped by signal {self.received[0]} at step {step} (epoch {epoch}, batch "
+            f"{batch}); checkpoint saved in {self.store.latest_dir}; continue with the same "
+            f"command plus --resume"
+        )
+
+    def end_epoch(
+        self, state, epoch: int, phase: Phase, train_metrics: dict, val: dict, seconds: float,
+        *, improved: bool, last: bool, position: dict,
+    ) -> None:  # fmt: skip
+        """Records the epoch, saves when due, writes the reports; raises on a signal."""
+        record = {
+            "epoch": epoch, "phase": phase.name,
+            "train_loss": train_metrics["loss"], "train_accuracy": train_metrics["accuracy"],
+            "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+            "learning_rate": phase.learning_rate, "epoch_seconds": round(seconds, 3),
+            "wall_seconds": round(time.time() - self.run_start, 3),
+            "images_per_second": round(train_metrics["count"] / max(seconds, 1e-9), 1),
+        }  # fmt: skip
+        self.history.append(record)
+        self.best_accuracy = max(self.best_accuracy, val["accuracy"])
+        step = int(state.step)
+        metrics.check_finite_params(state.variables, step, epoch)
+        extra = {"partial": None, "val_accuracy": val["accuracy"]}
+        if improved:
+            meta = {**position, "history": self.history, **extra}
+            self.pending_best = checkpoints.BestSnapshot.of(state, meta)
+        due = time.time() - self.last_save >= self.config.checkpoint_every_seconds
+        if last or self.received or due:
+            self._save(state, position, extra)
+        log.info("epoch %d [%s] train loss %.4f acc %.4f | val loss %.4f acc %.4f | "
+                 "%.1f s, %.0f img/s", epoch, phase.name, record["train_loss"],
+                 record["train_accuracy"], record["val_loss"], record["val_accuracy"],
+                 seconds, record["images_per_second"])  # fmt: skip
+        if self.is_main:
+            plot = last or bool(self.received) or (
+                time.time() - self.last_plot >= PLOT_EVERY_SECONDS)
+            metrics.write_reports(self.workdir, self.history, plot=plot)
+            self.last_plot = time.time() if plot else self.last_plot
+        if self.received:  # the signal came during the last batch or the evaluation
+            self.store.wait()
+            raise Interrupted(
+                f"stopped by signal {self.received[0]} at step {step} (end of epoch {epoch}); "
+                f"checkpoint saved in {self.store.latest_dir}; continue with the same command "
+                f"plus --resume"
+            )
 
 
 def fit(config: TrainConfig, workdir: str | os.PathLike, *, resume: bool = False) -> FitResult:
@@ -242,7 +327,7 @@ def fit(config: TrainConfig, workdir: str | os.PathLike, *, resume: bool = False
       The summary (``{'epochs': history, 'best_val_accuracy', 'test'?, ...}`` as in
       metrics.json), the module and the final TrainState.
     """
-    stores: list[_Checkpoints] = []
+    stores: list[checkpoints.RunCheckpoints] = []
     try:
         return _fit(config, workdir, resume, stores)
     finally:
@@ -289,38 +374,17 @@ def _fit(config: TrainConfig, workdir, resume: bool, stores: list) -> FitResult:
     latest_dir = workdir / checkpoints.LATEST_DIR
     steps_per_epoch = data.num_batches(dataset, "train", config.batch_size, drop_remainder=True)
 
-    # Start-up: own checkpoint (resume) > pretrained/random init.
-    start = {"phase_index": 0, "epoch": 0, "epoch_in_phase": 0, "batch": 0,
-             "phase_complete": False, "history": [], "partial": None}  # fmt: skip
-    variables = state = None
-    if resume and checkpoints.complete_steps(latest_dir):
-        abstract_vars = jax.eval_shape(lambda: model.init(rng, jnp.zeros((1, *hw, 3))))
-        abstract_vars = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract_vars)
-        template_for = lambda meta: _phase_state(phases[meta["phase_index"]], abstract_vars,
-                                                 rng, config, 0, steps_per_epoch)  # fmt: skip
-        restored = _restore_latest(latest_dir, template_for, mesh)
-        if restored is not None:
-            state, metadata = restored
-            start = {k: metadata[k] for k in start}
-            variables = state.variables
-            log.info("resumed from %s at step %d (epoch %d, batch %d)", latest_dir,
-                     int(state.step), start["epoch"], start["batch"])  # fmt: skip
-        else:
-            log.warning("--resume: no readable checkpoint in %s, starting fresh", latest_dir)
-    elif resume:
-        log.info("--resume: no checkpoint in %s yet, starting fresh", latest_dir)
-    if variables is None:
-        variables = initial_variables(config, model, hw, jax.random.fold_in(rng, 1))
+    start, state, variables = _starting_point(config, model, phases, hw, rng, latest_dir, mesh,
+                                              steps_per_epoch, resume)  # fmt: skip
     workdir.mkdir(parents=True, exist_ok=True)
     if is_main:
         config.save(workdir / "config.json")
-    store = _Checkpoints(workdir, config.keep_checkpoints)
+    store = checkpoints.RunCheckpoints(workdir, config.keep_checkpoints)
     stores.append(store)
 
-    history: list[dict] = list(start["history"])
-    best_accuracy = max((h["val_accuracy"] for h in history), default=-1.0)
-    run_start = time.time() - (history[-1]["wall_seconds"] if history else 0.0)
+    book = _Bookkeeping(workdir, store, is_main, config, list(start["history"]))
     with _stop_on_signals() as received:
+        book.received = received
         for phase_index, phase in enumerate(phases):
             if phase_index < start["phase_index"] or (
                 phase_index == start["phase_index"] and start["phase_complete"]
@@ -335,11 +399,11 @@ def _fit(config: TrainConfig, workdir, resume: bool, stores: list) -> FitResult:
                 state = sharding.replicate(state, mesh)
             labels = optim.path_labels(state.params, phase.rules)
             counts = optim.count_by_label(state.params, labels)
-            input_key = "features" if phase.cached_features else "image"
             apply_fn = (
                 (lambda v, x, **kw: model.apply(v, x, method=model.classify_features, **kw))
                 if phase.cached_features else model.apply
             )  # fmt: skip
+            input_key = "features" if phase.cached_features else "image"
             steps = train.make_steps(apply_fn, train.frozen_tree(labels), mesh,
                                      update_batch_stats=config.model == "simple_cnn",
                                      input_key=input_key)  # fmt: skip
@@ -349,122 +413,42 @@ def _fit(config: TrainConfig, workdir, resume: bool, stores: list) -> FitResult:
             extra += ", augmentation on" if phase.augment else ", augmentation off"
             log.info("%s", train.describe_phase(phase.name, counts, phase.trainable_from, bn_mode,
                                                 phase.learning_rate, extra))  # fmt: skip
-
-            if phase.cached_features:
-                t0 = time.time()
-                cache = {split: train.extract_features(
-                    model, state.variables,
-                    data.eval_batches(dataset, split, **common, **shard), mesh)
-                    for split in ("train", "validation")}  # fmt: skip
-                log.info("cached %d + %d feature vectors in %.1f s", len(cache["train"]["label"]),
-                         len(cache["validation"]["label"]), time.time() - t0)  # fmt: skip
-
-            def train_iter(epoch, start_batch, phase=phase):
-                if phase.cached_features:
-                    return train.feature_batches(cache["train"], config.batch_size,  # noqa: B023 - called within this iteration
-                                                 seed=config.seed, epoch=epoch,
-                                                 start_batch=start_batch, **shard)  # fmt: skip
-                return data.train_batches(dataset, **common, augment=phase.augment,
-                                          seed=config.seed, epoch=epoch,
-                                          start_batch=start_batch, **shard)  # fmt: skip
-
-            def val_iter(phase=phase):
-                if phase.cached_features:
-                    return train.feature_batches(cache["validation"], config.batch_size,  # noqa: B023 - called within this iteration
-                                                 seed=None, **shard)  # fmt: skip
-                return data.eval_batches(dataset, "validation", **common, **shard)
+            source = _PhaseData.build(phase, dataset, model, state, mesh, config, common, shard)
 
             first_epoch_in_phase = start["epoch_in_phase"] if resuming_here else 0
             epoch_offset = (start["epoch"] - first_epoch_in_phase) if resuming_here else (
-                history[-1]["epoch"] if history else 0)  # fmt: skip
-            n_batches = (len(cache["train"]["label"]) // config.batch_size if phase.cached_features
-                         else data.num_batches(dataset, "train", config.batch_size,
-                                               drop_remainder=True))  # fmt: skip
-            if n_batches == 0:
-                raise data.DataError(f"the train split has fewer examples than --batch-size "
-                                     f"{config.batch_size}; lower --batch-size")  # fmt: skip
-            stale = _stale_epochs(history, phase.name) if resuming_here else 0
+                book.history[-1]["epoch"] if book.history else 0)  # fmt: skip
+            stale = _stale_epochs(book.history, phase.name) if resuming_here else 0
             for epoch_in_phase in range(first_epoch_in_phase, phase.epochs):
                 epoch = epoch_offset + epoch_in_phase + 1
-                start_batch = start["batch"] if resuming_here and epoch_in_phase == first_epoch_in_phase else 0  # noqa: E501
+                resumed_epoch = resuming_here and epoch_in_phase == first_epoch_in_phase
+                start_batch = start["batch"] if resumed_epoch else 0
                 partial = start["partial"] if start_batch else None
-                epoch_steps = _continuing(steps, partial)
+                position = {**base_metadata, "phase_index": phase_index}
                 t_epoch = time.time()
-                bar = tqdm(total=n_batches, initial=start_batch, disable=not is_main,
-                           desc=f"epoch {epoch} [{phase.name}]", leave=False, unit="batch")  # fmt: skip  # noqa: E501
-                done = [start_batch]
-
-                def on_step(s, total, bar=bar, done=done):
-                    done[0] += 1
-                    bar.update(1)
-                    if done[0] % config.log_every == 0 or done[0] == n_batches:  # noqa: B023 - called within this iteration
-                        running = metrics.finalize(total)
-                        metrics.check_finite(running["loss"], int(s.step), epoch)  # noqa: B023 - called within this iteration
-                        bar.set_postfix(loss=f"{running['loss']:.4f}",
-                                        acc=f"{running['accuracy']:.4f}")  # fmt: skip
-                    return bool(received)
-
+                progress = _EpochProgress(
+                    f"epoch {epoch} [{phase.name}]", epoch, source.n_batches, start_batch,
+                    int(state.step), config.log_every, enabled=is_main, stop=received)  # fmt: skip
                 try:  # closed on errors too: a NaN message must not land on the bar's line
-                    state, sums = train.run_epoch(epoch_steps, state,
-                                                  train_iter(epoch, start_batch), mesh,
-                                                  on_step=on_step)  # fmt: skip
+                    state, sums = source.run_epoch(steps, state, epoch, start_batch, partial,
+                                                   progress)  # fmt: skip
                 finally:
-                    bar.close()
-                if sums is None:  # resumed after the epoch's last batch (older checkpoints)
-                    sums = _as_sums(partial)
-                if received and done[0] < n_batches:  # mid-epoch: save the batch position
-                    train_metrics = metrics.finalize(sums)
-                    metrics.check_finite(train_metrics["loss"], int(state.step), epoch)
-                    metrics.check_finite_params(state.variables, int(state.step), epoch)
-                    meta = {**base_metadata, "phase_index": phase_index, "epoch": epoch - 1,
-                            "epoch_in_phase": epoch_in_phase, "batch": done[0],
-                            "phase_complete": False, "history": history,
-                            "partial": {k: float(v) for k, v in jax.device_get(sums).items()}}  # fmt: skip  # noqa: E501
-                    store.save(state, meta, best=False)
-                    store.wait()
-                    raise Interrupted(
-                        f"stopped by signal {received[0]} at step {int(state.step)} (epoch {epoch},"
-                        f" batch {done[0]}); checkpoint saved in {store.latest_dir}; continue "
-                        f"with the same command plus --resume"
-                    )
+                    progress.close()
+                if received and progress.done < source.n_batches:
+                    book.interrupt_mid_epoch(state, sums, epoch, progress.done, {
+                        **position, "epoch": epoch - 1, "epoch_in_phase": epoch_in_phase,
+                        "batch": progress.done, "phase_complete": False})  # fmt: skip
                 train_metrics = metrics.finalize(sums)
                 metrics.check_finite(train_metrics["loss"], int(state.step), epoch)
-                val = train.evaluate(steps, state.variables, val_iter(), mesh)
-                seconds = time.time() - t_epoch
-                record = {
-                    "epoch": epoch, "phase": phase.name,
-                    "train_loss": train_metrics["loss"], "train_accuracy": train_metrics["accuracy"],  # noqa: E501
-                    "val_loss": val["loss"], "val_accuracy": val["accuracy"],
-                    "learning_rate": phase.learning_rate, "epoch_seconds": round(seconds, 3),
-                    "wall_seconds": round(time.time() - run_start, 3),
-                    "images_per_second": round(train_metrics["count"] / max(seconds, 1e-9), 1),
-                }  # fmt: skip
-                history.append(record)
-                improved = val["accuracy"] >= best_accuracy  # ties: the later, more trained
-
-                best_accuracy = max(best_accuracy, val["accuracy"])
+                val = train.evaluate(steps, state.variables, source.validation(), mesh)
+                improved = val["accuracy"] >= book.best_accuracy  # ties: the later, more trained
                 stale = 0 if improved else stale + 1
-                last = epoch_in_phase + 1 == phase.epochs or (
+                last = epoch_in_phase + 1 == phase.epochs or bool(
                     config.early_stopping_patience and stale >= config.early_stopping_patience)
-                meta = {**base_metadata, "phase_index": phase_index, "epoch": epoch,
-                        "epoch_in_phase": epoch_in_phase + 1, "batch": 0,
-                        "phase_complete": bool(last), "history": history, "partial": None,
-                        "val_accuracy": val["accuracy"]}  # fmt: skip
-                metrics.check_finite_params(state.variables, int(state.step), epoch)
-                store.save(state, meta, best=improved)
-                log.info("epoch %d [%s] train loss %.4f acc %.4f | val loss %.4f acc %.4f | "
-                         "%.1f s, %.0f img/s", epoch, phase.name, record["train_loss"],
-                         record["train_accuracy"], record["val_loss"], record["val_accuracy"],
-                         seconds, record["images_per_second"])  # fmt: skip
-                if is_main:
-                    metrics.write_reports(workdir, history)
-                if received:  # the signal came during the last batch or the evaluation
-                    store.wait()
-                    raise Interrupted(
-                        f"stopped by signal {received[0]} at step {int(state.step)} (end of epoch "
-                        f"{epoch}); checkpoint saved in {store.latest_dir}; continue with the "
-                        f"same command plus --resume"
-                    )
+                book.end_epoch(state, epoch, phase, train_metrics, val, time.time() - t_epoch,
+                               improved=improved, last=last, position={
+                                   **position, "epoch": epoch, "epoch_in_phase": epoch_in_phase + 1,
+                                   "batch": 0, "phase_complete": last})  # fmt: skip
                 if last:
                     if stale and config.early_stopping_patience:
                         log.info("early stopping: no validation improvement for %d epochs", stale)
@@ -473,6 +457,7 @@ def _fit(config: TrainConfig, workdir, resume: bool, stores: list) -> FitResult:
             variables = state.variables
             start = {**start, "phase_index": -1}
 
+    history, best_accuracy = book.history, book.best_accuracy
     summary = {"best_val_accuracy": best_accuracy, "class_names": list(dataset.class_names),
                "phases": [p.name for p in phases]}  # fmt: skip
     if "test" in dataset.split_sizes and state is not None:
@@ -488,6 +473,34 @@ def _fit(config: TrainConfig, workdir, resume: bool, stores: list) -> FitResult:
     if is_main:
         metrics.write_reports(workdir, history, summary=summary)
     return FitResult({"epochs": history, **summary}, model, state)
+
+
+def _starting_point(config: TrainConfig, model, phases: list[Phase], hw, rng, latest_dir,
+                    mesh, steps_per_epoch: int, resume: bool):  # fmt: skip
+    """Where the run starts: the workdir's own latest checkpoint when resuming, else the
+    pretrained (or random) initialisation. Returns ``(position, state or None, variables)``."""
+    start = {"phase_index": 0, "epoch": 0, "epoch_in_phase": 0, "batch": 0,
+             "phase_complete": False, "history": [], "partial": None}  # fmt: skip
+    variables = state = None
+    if resume and checkpoints.complete_steps(latest_dir):
+        abstract_vars = jax.eval_shape(lambda: model.init(rng, jnp.zeros((1, *hw, 3))))
+        abstract_vars = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract_vars)
+        template_for = lambda meta: _phase_state(phases[meta["phase_index"]], abstract_vars,
+                                                 rng, config, 0, steps_per_epoch)  # fmt: skip
+        restored = checkpoints.restore_latest_state(latest_dir, template_for, mesh)
+        if restored is not None:
+            state, metadata = restored
+            start = {k: metadata[k] for k in start}
+            variables = state.variables
+            log.info("resumed from %s at step %d (epoch %d, batch %d)", latest_dir,
+                     int(state.step), start["epoch"], start["batch"])  # fmt: skip
+        else:
+            log.warning("--resume: no readable checkpoint in %s, starting fresh", latest_dir)
+    elif resume:
+        log.info("--resume: no checkpoint in %s yet, starting fresh", latest_dir)
+    if variables is None:
+        variables = initial_variables(config, model, hw, jax.random.fold_in(rng, 1))
+    return start, state, variables
 
 
 def _as_sums(partial: dict[str, float]) -> dict[str, jax.Array]:
@@ -524,13 +537,26 @@ def _stale_epochs(history: list[dict], phase_name: str) -> int:
     return stale
 
 
+def phase_schedule(phase: Phase, config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
+    """The learning rate over a phase: ``lr_schedule`` (cosine to 0, or constant) after a
+    linear warm-up from 0 over ``finetune_warmup_epochs`` in the fine-tuning phase."""
+    total = max(phase.epochs * steps_per_epoch, 1)
+    warmup = config.finetune_warmup_epochs * steps_per_epoch if phase.name == "finetune" else 0
+    warmup = min(warmup, total - 1)
+    if config.lr_schedule == "cosine":
+        main = optax.cosine_decay_schedule(phase.learning_rate, total - warmup)
+    else:
+        main = optax.constant_schedule(phase.learning_rate)
+    if not warmup:
+        return main
+    ramp = optax.linear_schedule(0.0, phase.learning_rate, warmup)
+    return optax.join_schedules([ramp, main], [warmup])
+
+
 def _phase_state(
     phase: Phase, variables, rng, config: TrainConfig, step: int, steps_per_epoch: int
 ) -> train.TrainState:
     labels = optim.path_labels(variables["params"], phase.rules)
-    learning_rate = (
-        optax.cosine_decay_schedule(phase.learning_rate, max(phase.epochs * steps_per_epoch, 1))
-        if phase.cosine_decay else phase.learning_rate
-    )  # fmt: skip
+    learning_rate = phase_schedule(phase, config, steps_per_epoch)
     tx = optim.make_optimizer(learning_rate, labels, weight_decay=config.weight_decay)
     return train.TrainState.create(variables, tx, rng, step=step)

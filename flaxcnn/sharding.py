@@ -36,6 +36,11 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
 
+def stacked_batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Batches stacked along a leading steps axis: axis 1 (the batch) split over ``'data'``."""
+    return NamedSharding(mesh, PartitionSpec(None, DATA_AXIS))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     """A full copy on every device of ``mesh`` (parameters, optimizer state, metrics)."""
     return NamedSharding(mesh, PartitionSpec())
@@ -83,9 +88,15 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> None:
         )
 
 
-def to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Turns this process's share of a batch into global arrays sharded over ``'data'``."""
-    sharding = batch_sharding(mesh)
+def to_global(
+    batch: Mapping[str, np.ndarray], mesh: Mesh, *, stacked: bool = False
+) -> dict[str, jax.Array]:
+    """Turns this process's share of a batch into global arrays sharded over ``'data'``.
+
+    ``stacked``: the arrays are batches stacked along a leading steps axis
+    (``[steps, batch, ...]``, see ``train.run_epoch_in_memory``), split along axis 1.
+    """
+    sharding = stacked_batch_sharding(mesh) if stacked else batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 

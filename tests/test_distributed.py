@@ -57,7 +57,7 @@ def _config(data_dir, **changes) -> TrainConfig:
     return TrainConfig(
         data=str(data_dir), download=False, alpha=0.35, weights=None, image_size=SIZE,
         batch_size=8, head_epochs=3, finetune_epochs=0, fine_tune_at="block_16",
-        head_learning_rate=1e-2, keep_checkpoints=5, conv_impl="lax",
+        head_learning_rate=1e-2, keep_checkpoints=5, conv_impl="lax", checkpoint_every_seconds=0,
     ).replace(**changes)  # fmt: skip
 
 

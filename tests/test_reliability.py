@@ -39,6 +39,7 @@ RUN_FLAGS = [
     "--batch-size", "8", "--conv-impl", "lax", "--head-epochs", "2", "--finetune-epochs", "2",
     "--fine-tune-at", "block_16", "--head-learning-rate", "1e-2",
     "--finetune-learning-rate", "1e-3", "--keep-checkpoints", "20", "--log-every", "1",
+    "--checkpoint-every-seconds", "0",
 ]  # fmt: skip
 TIMING = {"epoch_seconds", "wall_seconds", "images_per_second"}
 
@@ -411,6 +412,8 @@ def _bad_folders(root: pathlib.Path) -> dict[str, pathlib.Path]:
         (["--alpha", "0.3"], "--alpha", "0.35"),
         (["--validation-fraction", "1.5"], "--validation-fraction", "0 < f < 1"),
         (["--head-learning-rate", "inf"], "--head-learning-rate", "a positive number"),
+        (["--lr-schedule", "linear"], "--lr-schedule", "'cosine', 'constant'"),
+        (["--checkpoint-every-seconds", "-1"], "--checkpoint-every-seconds", "a number >= 0"),
         (["--workdir", "{file}/sub"], "--workdir", "not writable"),
     ],
 )

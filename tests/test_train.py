@@ -127,6 +127,7 @@ def _tiny_config(data_dir, **changes):
         data=str(data_dir), download=False, alpha=0.35, weights=None, image_size=SIZE,
         batch_size=8, head_epochs=2, finetune_epochs=1, fine_tune_at="block_15",
         head_learning_rate=1e-2, finetune_learning_rate=1e-3, keep_checkpoints=5,
+        checkpoint_every_seconds=0,
         conv_impl="lax",
     ).replace(**changes)  # fmt: skip
 
@@ -159,3 +160,25 @@ def test_resume_from_mid_run_checkpoint_reaches_identical_results(tiny_cats_vs_d
         jax.tree.leaves(full.state.variables), jax.tree.leaves(resumed.state.variables), strict=True
     ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_checkpoint_interval_saves_phase_ends_and_keeps_the_best_epoch(tiny_cats_vs_dogs, tmp_path):
+    """Epochs shorter than --checkpoint-every-seconds are saved only at the end of a phase; the
+    best epoch is held in memory meanwhile and lands in best/ with its own step."""
+    config = _tiny_config(tiny_cats_vs_dogs, head_epochs=4, finetune_epochs=0,
+                          checkpoint_every_seconds=3600, head_learning_rate=0.3)  # fmt: skip
+    result = fit(config, tmp_path / "run")
+    history = result.summary["epochs"]
+    steps_per_epoch = int(result.state.step) // len(history)
+    assert checkpoints.complete_steps(tmp_path / "run" / checkpoints.LATEST_DIR) == [
+        int(result.state.step)
+    ]
+    accuracies = [h["val_accuracy"] for h in history]
+    best_epoch = max(i for i, a in enumerate(accuracies) if a == max(accuracies)) + 1
+    best_steps = checkpoints.complete_steps(tmp_path / "run" / checkpoints.BEST_DIR)
+    assert best_steps == [best_epoch * steps_per_epoch]
+    _, variables, metadata = checkpoints.restore(tmp_path / "run" / checkpoints.BEST_DIR)
+    assert metadata["epoch"] == best_epoch and metadata["val_accuracy"] == max(accuracies)
+    if best_epoch < len(history):  # an earlier epoch's weights, not the final ones
+        head = lambda v: np.asarray(v["params"]["head"]["kernel"])
+        assert not np.array_equal(head(variables), head(result.state.variables))

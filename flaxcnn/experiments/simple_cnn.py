@@ -14,12 +14,13 @@ from flaxcnn.config import TrainConfig
 DEFAULTS = TrainConfig(
     data="cifar10", model="simple_cnn", weights=None, image_size=32, batch_size=64,
     head_epochs=10, head_learning_rate=1e-3, finetune_epochs=0, dropout_rate=0.0,
-    augment=False, weight_decay=0.0,
+    augment=False, weight_decay=0.0, lr_schedule="constant",
 )  # fmt: skip
 FLAGS = (
     "data", "data_dir", "download", "image_size", "batch_size", "head_epochs",
-    "head_learning_rate", "augment", "dropout_rate", "validation_fraction",
-    "early_stopping_patience", "weight_decay", "dtype", "seed", "keep_checkpoints", "log_every",
+    "head_learning_rate", "lr_schedule", "augment", "dropout_rate", "validation_fraction",
+    "early_stopping_patience", "weight_decay", "dtype", "seed", "keep_checkpoints",
+    "checkpoint_every_seconds", "log_every",
 )  # fmt: skip
 
 

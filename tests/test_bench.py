@@ -1,0 +1,96 @@
+"""Performance properties that hold by construction: frozen layers run forward only, the
+cached-feature head step equals the head step on images, and the benchmark entry point runs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flaxcnn import bench, data, optim, sharding, train
+from flaxcnn.config import TrainConfig
+from flaxcnn.models import build_model, keras_layer_names
+from flaxcnn.run import model_config
+
+KERAS_LAYERS = list(keras_layer_names(1.0, include_top=False))
+
+
+def _backward_layers(row: str) -> set[str]:
+    step = bench.build_step(row, 2, 32, conv_impl="auto")
+    counts, layers = bench.backward_ops_by_layer(step.compiled.as_text())
+    assert counts["forward", "dot"] + counts["forward", "convolution"] > 0  # the parser sees ops
+    return layers
+
+
+def test_head_step_differentiates_only_the_head():
+    assert _backward_layers("head") == {"head"}
+
+
+def test_fine_tune_step_differentiates_only_layers_from_fine_tune_at():
+    layers = _backward_layers("finetune")
+    first = KERAS_LAYERS.index(optim.fine_tune_layer("100"))  # block_11_depthwise
+    known = {n for n in layers if n in KERAS_LAYERS}
+    assert {"head", "block_16_project", "block_11_depthwise"} <= layers
+    assert min(KERAS_LAYERS.index(n) for n in known) == first, sorted(known)
+
+
+def test_full_step_differentiates_the_stem():
+    # The check above can fail: with everything trainable the first layers do have a backward.
+    assert {"Conv1", "expanded_conv_depthwise"} <= _backward_layers("full")
+
+
+def test_head_on_cached_features_equals_head_on_images(tiny_cats_vs_dogs):
+    """Feature caching changes where the backbone runs, not the result (float rounding)."""
+    config = TrainConfig(alpha=0.35, weights=None, image_size=32, batch_size=4)
+    model = build_model(model_config(config, 2), conv_impl="lax")
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+    variables = jax.tree.map(np.asarray, variables)  # host copies: each run donates its state
+    labels = optim.path_labels(variables["params"], optim.transfer_rules(None))
+    mesh = sharding.make_mesh()
+    dataset = data.open_dataset(str(tiny_cats_vs_dogs))
+    common = dict(batch_size=4, image_size=(32, 32), preprocessing="tf", seed=0, epoch=0)
+    batches = list(data.train_batches(dataset, augment=False, **common))[:3]
+    cache = train.extract_features(model, variables, iter(batches), mesh)
+
+    def run(apply_fn, input_key, inputs):
+        tx = optim.make_optimizer(1e-2, labels, weight_decay=0.1)
+        state = train.TrainState.create(variables, tx, jax.random.PRNGKey(1))
+        steps = train.make_steps(apply_fn, train.frozen_tree(labels), mesh,
+                                 update_batch_stats=False, input_key=input_key)  # fmt: skip
+        losses = []
+        for batch in inputs:
+            state, sums = steps.train(state, sharding.to_global(batch, mesh))
+            losses.append(float(sums["loss_sum"]))
+        return np.asarray(losses), jax.tree.map(np.asarray, state.params["head"])
+
+    on_images = run(model.apply, "image", batches)
+    features = [{"features": cache["features"][i * 4 : (i + 1) * 4], "label": b["label"]}
+                for i, b in enumerate(batches)]  # fmt: skip
+    classify = lambda v, x, **kw: model.apply(v, x, method=model.classify_features, **kw)
+    on_features = run(classify, "features", features)
+    np.testing.assert_allclose(on_features[0], on_images[0], rtol=1e-5)
+    assert not np.allclose(on_images[0][0], on_images[0][-1])  # the head did train
+    for got, want in zip(jax.tree.leaves(on_features[1]), jax.tree.leaves(on_images[1]),
+                         strict=True):  # fmt: skip
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_bench_cli_prints_backend_and_table():
+    done = subprocess.run(
+        [sys.executable, "-m", "flaxcnn.bench", "--rows", "head_cached,simple_cnn",
+         "--batch-sizes", "4", "--image-sizes", "32", "--steps", "1", "--warmup", "0"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"({jax.default_backend()} backend)" in done.stdout
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| head_cached | 4 |")]
+    assert rows and float(rows[-1].split("|")[4]) > 0  # img/s
+
+
+def test_bench_rejects_unknown_rows():
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--rows", "inference,warp_drive"])

@@ -1,0 +1,150 @@
+"""Every conv formulation computes lax.conv_general_dilated's sums, forward and backward."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from jax import lax
+
+from flaxcnn.models import layers
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+GRAD_RTOL = 1e-5
+
+
+def _random(shape, seed):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+def _assert_close(got, want, rtol, what):
+    """Max-abs difference relative to the reference's largest magnitude."""
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape, what
+    scale = max(float(np.max(np.abs(want))), 1e-12)
+    assert float(np.max(np.abs(got - want))) <= rtol * scale, what
+
+
+def _check_fn_and_grads(fn, reference, x, kernel):
+    """Outputs and d(sum(out * r))/d(x, kernel) of ``fn`` equal those of ``reference``."""
+
+    def outputs_and_grads(f, r):
+        out, vjp = jax.vjp(f, x, kernel)
+        return out, vjp(r)  # a random cotangent, so that every output position counts
+
+    shape = jax.eval_shape(reference, x, kernel).shape
+    r = _random(shape, 7)
+    want, want_grads = jax.jit(lambda r: outputs_and_grads(reference, r))(r)
+    got, got_grads = jax.jit(lambda r: outputs_and_grads(fn, r))(r)
+    _assert_close(got, want, 1e-6, "forward")
+    for name, g, w in zip(("d/dx", "d/dkernel"), got_grads, want_grads, strict=True):
+        _assert_close(g, w, GRAD_RTOL, name)
+
+
+DEPTHWISE_CASES = [
+    # (N, H, W, C), kernel, strides, padding
+    ((2, 8, 8, 5), (3, 3), (1, 1), "SAME"),
+    ((2, 9, 7, 4), (3, 3), (1, 1), "SAME"),
+    ((2, 8, 8, 5), (3, 3), (2, 2), ((0, 1), (0, 1))),  # Keras correct_pad, even size
+    ((1, 9, 11, 3), (3, 3), (2, 2), ((1, 1), (1, 1))),  # Keras correct_pad, odd size
+    ((2, 10, 7, 6), (3, 3), (2, 2), "SAME"),
+    ((2, 7, 8, 3), (3, 3), (2, 1), "VALID"),
+    ((1, 9, 9, 4), (5, 5), (2, 2), ((2, 1), (0, 3))),
+    ((1, 6, 5, 2), (1, 3), (1, 1), "SAME"),
+]
+
+
+@pytest.mark.parametrize(("shape", "kernel_size", "strides", "padding"), DEPTHWISE_CASES)
+@pytest.mark.parametrize("conv_impl", ["lax", "unrolled"])
+def test_depthwise_equals_grouped_conv(shape, kernel_size, strides, padding, conv_impl):
+    x = _random(shape, 0)
+    kernel = _random((*kernel_size, 1, shape[-1]), 1)
+    pads = layers.explicit_pads(padding, shape[1:3], kernel_size, strides)
+    reference = lambda a, k: lax.conv_general_dilated(
+        a, k, strides, pads, dimension_numbers=NHWC, feature_group_count=shape[-1],
+        precision=lax.Precision.HIGHEST,
+    )  # fmt: skip
+    fn = lambda a, k: layers.depthwise_conv(a, k, strides, pads, conv_impl)
+    _check_fn_and_grads(fn, reference, x, kernel)
+
+
+@pytest.mark.parametrize("conv_impl", ["lax", "unrolled"])
+def test_pointwise_equals_1x1_conv(conv_impl):
+    x, kernel = _random((2, 5, 7, 6), 0), _random((1, 1, 6, 9), 1)
+    reference = lambda a, k: lax.conv_general_dilated(
+        a, k, (1, 1), "VALID", dimension_numbers=NHWC, precision=lax.Precision.HIGHEST
+    )
+    _check_fn_and_grads(lambda a, k: layers.pointwise_conv(a, k, conv_impl), reference, x, kernel)
+
+
+@pytest.mark.parametrize(
+    ("shape", "strides", "padding"),
+    [
+        ((2, 10, 10, 3), (2, 2), "SAME"),
+        ((2, 9, 8, 3), (2, 2), "SAME"),
+        ((1, 7, 9, 2), (1, 1), "VALID"),
+    ],
+)
+@pytest.mark.parametrize("conv_impl", ["lax", "unrolled"])
+def test_dense_conv_equals_conv(shape, strides, padding, conv_impl):
+    x, kernel = _random(shape, 0), _random((3, 3, shape[-1], 8), 1)
+    pads = layers.explicit_pads(padding, shape[1:3], (3, 3), strides)
+    reference = lambda a, k: lax.conv_general_dilated(
+        a, k, strides, pads, dimension_numbers=NHWC, precision=lax.Precision.HIGHEST
+    )
+    _check_fn_and_grads(
+        lambda a, k: layers.conv(a, k, strides, pads, conv_impl), reference, x, kernel
+    )
+
+
+def test_auto_resolves_per_backend():
+    expected = "unrolled" if jax.default_backend() == "cpu" else "lax"
+    assert layers.resolve_conv_impl("auto") == expected
+    assert layers.resolve_conv_impl("lax") == "lax"
+    with pytest.raises(ValueError, match="conv_impl='cudnn'"):
+        layers.resolve_conv_impl("cudnn")
+
+
+def test_modules_match_flax_parameter_layout():
+    x = _random((1, 6, 6, 4), 0)
+    rng = jax.random.PRNGKey(0)
+    init = lambda module, *args: jax.jit(module.init)(rng, *args)
+    ours = init(layers.Conv2D(8, (3, 3), strides=(2, 2)), x)
+    flax_conv = init(nn.Conv(8, (3, 3), strides=(2, 2), use_bias=False), x)
+    np.testing.assert_array_equal(ours["params"]["kernel"], flax_conv["params"]["kernel"])
+    shapes = lambda module: jax.tree.map(
+        lambda a: a.shape, jax.eval_shape(module.init, rng, x)["params"]
+    )
+    assert shapes(layers.DepthwiseConv2D()) == {"kernel": (3, 3, 1, 4)}
+    assert shapes(layers.PointwiseConv(7, use_bias=True)) == {"kernel": (1, 1, 4, 7), "bias": (7,)}
+
+
+def test_batch_norm_affine_has_batch_norm_variables_and_folds_exactly():
+    x = _random((2, 6, 6, 4), 0)
+    bn = nn.BatchNorm(use_running_average=True, epsilon=1e-3)
+    reference_vars = jax.jit(bn.init)(jax.random.PRNGKey(0), x)
+    ours = jax.jit(layers.BatchNormAffine(epsilon=1e-3).init, static_argnums=1)(
+        jax.random.PRNGKey(0), 4
+    )
+    assert jax.tree.structure(ours) == jax.tree.structure(reference_vars)
+    for want, got in zip(jax.tree.leaves(reference_vars), jax.tree.leaves(ours), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+    rng = np.random.default_rng(3)
+    variables = {
+        "params": {"scale": rng.uniform(0.5, 1.5, 4), "bias": rng.normal(0, 0.1, 4)},
+        "batch_stats": {"mean": rng.normal(0, 0.1, 4), "var": rng.uniform(0.5, 1.5, 4)},
+    }
+    variables = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), variables)
+    conv = layers.DepthwiseConv2D(conv_impl="unrolled", use_bias=True)
+    conv_vars = {"params": {"kernel": _random((3, 3, 1, 4), 1), "bias": _random((4,), 2)}}
+
+    @jax.jit
+    def folded_and_unfolded(x):
+        multiplier, offset = layers.BatchNormAffine(epsilon=1e-3).apply(variables, 4)
+        folded = conv.apply(conv_vars, x, multiplier, offset)
+        return folded, bn.apply(variables, conv.apply(conv_vars, x))
+
+    _assert_close(*folded_and_unfolded(x), 1e-6, "folded BatchNorm")
