@@ -243,7 +243,7 @@ class RunCheckpoints:
         if best is not None and best.step not in self.best.all_steps():
             self.best.save(best.step, args=ocp.args.Composite(
                 variables=ocp.args.StandardSave(best.variables),
-                metadata=ocp.args.JsonSave(json.loads(json.dumps(best.metadata)))))  # fmt: skip
+                metadata=ocp.args.JsonSave(best.metadata)))  # fmt: skip
 
     def wait(self) -> None:
         """Blocks until asynchronous saves are on disk; raises if one failed."""

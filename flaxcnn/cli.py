@@ -47,8 +47,6 @@ HELP = {
     "accuracy improvement (0: off)",
     "finetune_epochs": "epochs of phase 2 (fine-tuning); numbering continues from phase 1",
     "finetune_learning_rate": "peak AdamW learning rate of phase 2",
-    "finetune_warmup_epochs": "epochs of linear learning-rate warm-up from 0 at the start of "
-    "phase 2 (the head's first gradients on augmented images are large)",
     "lr_schedule": "learning rate over each phase: cosine decay from the phase's rate to 0, "
     "or constant (the Keras tutorial)",
     "fine_tune_at": "first trainable backbone layer in phase 2: Keras layer index (100 as in "

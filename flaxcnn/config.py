@@ -55,7 +55,6 @@ class TrainConfig:
     finetune_epochs: int = 10
     finetune_learning_rate: float = 5e-5
     fine_tune_at: str = "100"
-    finetune_warmup_epochs: int = 0  # linear warm-up from 0 before the schedule
     lr_schedule: str = "cosine"  # per phase: from the phase's learning rate to 0
     weight_decay: float = 0.1  # AdamW, trainable kernels: keeps the cached-feature head calibrated
     # Run.
@@ -82,7 +81,6 @@ class TrainConfig:
         check(self.head_epochs is None or self.head_epochs >= 0, "head-epochs",
               "an integer >= 0")
         check(self.finetune_epochs >= 0, "finetune-epochs", "an integer >= 0")
-        check(self.finetune_warmup_epochs >= 0, "finetune-warmup-epochs", "an integer >= 0")
         # `inf` passes `> 0`, and would train on NaN weights from the first step on.
         positive = lambda x: 0 < x < math.inf
         check(positive(self.head_learning_rate), "head-learning-rate", "a positive number")

@@ -253,8 +253,7 @@ class _Bookkeeping:
         self.pending_best: checkpoints.BestSnapshot | None = None
         self.received: list[int] = []
 
-    def _save(self, state: train.TrainState, position: dict, extra: dict) -> None:
-        meta = {**position, "history": self.history, **extra}
+    def _save(self, state: train.TrainState, meta: dict) -> None:
         self.store.save(state, meta, best=self.pending_best)
         self.pending_best, self.last_save = None, time.time()
 
@@ -264,7 +263,7 @@ class _Bookkeeping:
         metrics.check_finite(metrics.finalize(sums)["loss"], step, epoch)
         metrics.check_finite_params(state.variables, step, epoch)
         partial = {k: float(v) for k, v in jax.device_get(sums).items()}
-        self._save(state, position, {"partial": partial})
+        self._save(state, {**position, "history": self.history, "partial": partial})
         self.store.wait()
         raise Interrupted(
             f"stopped by signal {self.received[0]} at step {step} (epoch {epoch}, batch "
@@ -289,13 +288,13 @@ class _Bookkeeping:
         self.best_accuracy = max(self.best_accuracy, val["accuracy"])
         step = int(state.step)
         metrics.check_finite_params(state.variables, step, epoch)
-        extra = {"partial": None, "val_accuracy": val["accuracy"]}
+        meta = {**position, "history": self.history, "partial": None,
+                "val_accuracy": val["accuracy"]}  # fmt: skip
         if improved:
-            meta = {**position, "history": self.history, **extra}
             self.pending_best = checkpoints.BestSnapshot.of(state, meta)
         due = time.time() - self.last_save >= self.config.checkpoint_every_seconds
         if last or self.received or due:
-            self._save(state, position, extra)
+            self._save(state, meta)
         log.info("epoch %d [%s] train loss %.4f acc %.4f | val loss %.4f acc %.4f | "
                  "%.1f s, %.0f img/s", epoch, phase.name, record["train_loss"],
                  record["train_accuracy"], record["val_loss"], record["val_accuracy"],
@@ -537,26 +536,17 @@ def _stale_epochs(history: list[dict], phase_name: str) -> int:
     return stale
 
 
-def phase_schedule(phase: Phase, config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
-    """The learning rate over a phase: ``lr_schedule`` (cosine to 0, or constant) after a
-    linear warm-up from 0 over ``finetune_warmup_epochs`` in the fine-tuning phase."""
-    total = max(phase.epochs * steps_per_epoch, 1)
-    warmup = config.finetune_warmup_epochs * steps_per_epoch if phase.name == "finetune" else 0
-    warmup = min(warmup, total - 1)
-    if config.lr_schedule == "cosine":
-        main = optax.cosine_decay_schedule(phase.learning_rate, total - warmup)
-    else:
-        main = optax.constant_schedule(phase.learning_rate)
-    if not warmup:
-        return main
-    ramp = optax.linear_schedule(0.0, phase.learning_rate, warmup)
-    return optax.join_schedules([ramp, main], [warmup])
+def _phase_schedule(phase: Phase, config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
+    """The learning rate over a phase: cosine decay from its rate to 0, or constant."""
+    if config.lr_schedule == "constant":
+        return optax.constant_schedule(phase.learning_rate)
+    return optax.cosine_decay_schedule(phase.learning_rate, max(phase.epochs * steps_per_epoch, 1))
 
 
 def _phase_state(
     phase: Phase, variables, rng, config: TrainConfig, step: int, steps_per_epoch: int
 ) -> train.TrainState:
     labels = optim.path_labels(variables["params"], phase.rules)
-    learning_rate = phase_schedule(phase, config, steps_per_epoch)
+    learning_rate = _phase_schedule(phase, config, steps_per_epoch)
     tx = optim.make_optimizer(learning_rate, labels, weight_decay=config.weight_decay)
     return train.TrainState.create(variables, tx, rng, step=step)

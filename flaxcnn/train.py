@@ -225,10 +225,10 @@ def run_epoch_in_memory(
     ``run_epoch``, starting from ``initial_sums`` (an interrupted epoch's partial sums).
     ``on_step(state, running_sums, n_steps)`` is called after each chunk.
     """
-    pending = list(batches)
+    batches = list(batches)
     total = initial_sums
-    while pending:
-        chunk, pending = pending[:SCAN_CHUNK], pending[SCAN_CHUNK:]
+    for first in range(0, len(batches), SCAN_CHUNK):
+        chunk = batches[first : first + SCAN_CHUNK]
         stacked = {k: np.stack([b[k] for b in chunk]) for k in chunk[0]}
         start = total if total is not None else metrics.zero_sums()
         state, total = steps.train_scan(
