@@ -1,7 +1,7 @@
 """Throughput of the product's own jitted steps: ``python -m flaxcnn.bench``.
 
 Every row times the function training or evaluation really runs: ``train.make_steps`` over
-``models.build_model(run.model_config(...))`` with the optimiser and freeze rules of
+``models.build_model(config.model_config(...))`` with the optimiser and freeze rules of
 ``flaxcnn.optim``, the batch sent through ``sharding.to_global`` as ``run_epoch`` does.
 Compile time is measured apart (``lower().compile()``); a row's time is the median (and
 minimum) of several steps after warm-up, each waited for with ``block_until_ready``.
@@ -16,8 +16,8 @@ Rows (``--rows``):
   simple_cnn   SimpleCNN training at its recipe's 32x32 input
   input        ``data.train_batches`` with augmentation alone (decode cached after epoch 0)
 
-Parameters are random (speed does not depend on their values) and made with numpy from
-``jax.eval_shape``, so no ``model.init`` is compiled.
+Parameters are random (speed does not depend on their values) and made with numpy
+(``models.random_variables``), so no ``model.init`` is compiled.
 """
 
 from __future__ import annotations
@@ -116,29 +116,7 @@ def describe_machine(conv_impl: str, malloc_tuned: bool) -> list[str]:
     ]
 
 
-def _random_variables(abstract: Any, seed: int = 0) -> Any:
-    """Variables shaped like ``abstract`` with realistic magnitudes (numpy, no compile)."""
-    import jax
-    import jax.numpy as jnp
-
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, spec):
-        name = jax.tree_util.keystr(path)
-        if name.endswith("['var']") or name.endswith("['scale']"):
-            value = rng.uniform(0.5, 1.5, spec.shape)
-        elif name.endswith("['mean']") or name.endswith("['bias']"):
-            value = rng.normal(0.0, 0.1, spec.shape)
-        else:  # kernels
-            fan_in = int(np.prod(spec.shape[:-1])) if len(spec.shape) > 1 else 1
-            fan_in = int(np.prod(spec.shape[:2])) if "depthwise" in name else fan_in
-            value = rng.normal(0.0, 1.0 / np.sqrt(max(fan_in, 1)), spec.shape)
-        return jnp.asarray(value, spec.dtype)
-
-    return jax.tree_util.tree_map_with_path(leaf, abstract)
-
-
-def _time(run: Callable[[], Any], warmup: int, steps: int) -> tuple[float, float]:
+def time_calls(run: Callable[[], Any], warmup: int, steps: int) -> tuple[float, float]:
     """Median and minimum milliseconds of ``steps`` calls after ``warmup`` calls."""
     import jax
 
@@ -164,16 +142,27 @@ class Step:
 
 
 def build_step(
-    row: str, batch_size: int, image_size: int, *, conv_impl: str, fine_tune_at: str = "100"
+    row: str,
+    batch_size: int,
+    image_size: int,
+    *,
+    conv_impl: str,
+    fine_tune_at: str = "100",
+    dtype: str = "float32",
+    batch_on_device: bool = False,
 ) -> Step:
-    """Builds, compiles and binds the step of one model row (see the module docstring)."""
+    """Builds, compiles and binds the step of one model row (see the module docstring).
+
+    ``dtype`` is the computation dtype (parameters stay float32). ``batch_on_device`` places
+    the batch once instead of sending it from the host every step as ``run_epoch`` does (for
+    comparisons with frameworks timed on device-resident inputs).
+    """
     import jax
     import jax.numpy as jnp
 
     from flaxcnn import metrics, optim, sharding, train
     from flaxcnn.config import TrainConfig
-    from flaxcnn.models import build_model
-    from flaxcnn.run import model_config
+    from flaxcnn.models import build_model, random_variables
 
     simple = row == "simple_cnn"
     size = SIMPLE_CNN_SIZE if simple else image_size
@@ -184,23 +173,31 @@ def build_step(
         batch_size=batch_size,
         conv_impl=conv_impl,
         fine_tune_at=fine_tune_at,
+        dtype=dtype,
     )
     num_classes = 10 if simple else NUM_CLASSES
-    model = build_model(model_config(config, num_classes), conv_impl=conv_impl)
-    abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))
-    variables = _random_variables(abstract)
+    model = build_model(config.model_config(num_classes), dtype=config.compute_dtype,
+                        conv_impl=conv_impl)  # fmt: skip
+    variables = jax.tree.map(jnp.asarray, random_variables(model, (1, size, size, 3)))
     mesh = sharding.make_mesh()
     rng = np.random.default_rng(1)
     labels_batch = rng.integers(0, num_classes, batch_size).astype(np.int32)
     batch = {"image": rng.uniform(-1, 1, (batch_size, size, size, 3)).astype(np.float32),
              "label": labels_batch}  # fmt: skip
 
+    def feeder(arrays: dict, stacked: bool = False) -> Callable[[], dict]:
+        """The step's input: sent from the host per call, or placed once."""
+        send = lambda: sharding.to_global(arrays, mesh, stacked=stacked)
+        placed = send() if batch_on_device else None
+        return (lambda: placed) if batch_on_device else send
+
     if row == "inference":
         evaluate = train.make_steps(model.apply, None, mesh, update_batch_stats=False).evaluate
+        feed = feeder(batch)
         start = time.perf_counter()
-        compiled = evaluate.lower(variables, sharding.to_global(batch, mesh)).compile()
+        compiled = evaluate.lower(variables, feed()).compile()
         compile_s = time.perf_counter() - start
-        run = lambda: compiled(variables, sharding.to_global(batch, mesh))
+        run = lambda: compiled(variables, feed())
         return Step(run, compile_s, compiled=compiled)
 
     rules = {
@@ -231,13 +228,13 @@ def build_step(
     start = time.perf_counter()
     if row == "head_cached":  # as train.run_epoch_in_memory runs it
         stacked = {k: np.stack([v] * CACHED_EPOCH_STEPS) for k, v in batch.items()}
-        args = (sharding.to_global(stacked, mesh, stacked=True), metrics.zero_sums())
-        compiled = steps_fns.train_scan.lower(state, *args).compile()
-        run_once = lambda: compiled(holder[0], sharding.to_global(stacked, mesh, stacked=True),
-                                    metrics.zero_sums())  # fmt: skip
+        feed = feeder(stacked, stacked=True)
+        compiled = steps_fns.train_scan.lower(state, feed(), metrics.zero_sums()).compile()
+        run_once = lambda: compiled(holder[0], feed(), metrics.zero_sums())
     else:
-        compiled = steps_fns.train.lower(state, sharding.to_global(batch, mesh)).compile()
-        run_once = lambda: compiled(holder[0], sharding.to_global(batch, mesh))
+        feed = feeder(batch)
+        compiled = steps_fns.train.lower(state, feed()).compile()
+        run_once = lambda: compiled(holder[0], feed())
     compile_s = time.perf_counter() - start
 
     def run():
@@ -257,10 +254,12 @@ def bench_model(
     fine_tune_at: str,
     warmup: int,
     steps: int,
+    dtype: str = "float32",
 ) -> Result:
     """Compiles and times one model row."""
-    step = build_step(row, batch_size, image_size, conv_impl=conv_impl, fine_tune_at=fine_tune_at)
-    median, best = (t / step.steps_per_run for t in _time(step.run, warmup, steps))
+    step = build_step(row, batch_size, image_size, conv_impl=conv_impl, fine_tune_at=fine_tune_at,
+                      dtype=dtype)  # fmt: skip
+    median, best = (t / step.steps_per_run for t in time_calls(step.run, warmup, steps))
     size = SIMPLE_CNN_SIZE if row == "simple_cnn" else image_size
     return Result(row, batch_size, size, median, best, step.compile_s, step.note)
 
@@ -357,6 +356,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
     parser.add_argument("--conv-impl", default="auto", help="auto, lax or unrolled")
     parser.add_argument("--fine-tune-at", default="100", help="Keras layer index or name")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="computation dtype of the model rows (parameters stay float32)")
     parser.add_argument("--data", default=DEFAULT_DATA, help="image folder for the input row")
     parser.add_argument(
         "--no-malloc-tuning",
@@ -378,6 +379,7 @@ def main(argv: Sequence[str] | None = None) -> list[Result]:
     tuned = False if args.no_malloc_tuning else tune_glibc_malloc()  # before JAX's threads
     for line in describe_machine(args.conv_impl, tuned):
         print(line, flush=True)
+    print(f"computation dtype: {args.dtype} (parameters float32)", flush=True)
     results = []
     for batch_size in args.batch_sizes:
         for image_size in args.image_sizes:
@@ -389,7 +391,7 @@ def main(argv: Sequence[str] | None = None) -> list[Result]:
                 else:
                     result = bench_model(row, batch_size, image_size, conv_impl=args.conv_impl,
                                          fine_tune_at=args.fine_tune_at, warmup=args.warmup,
-                                         steps=args.steps)  # fmt: skip
+                                         steps=args.steps, dtype=args.dtype)  # fmt: skip
                 results.append(result)
                 print(format_table([result]).splitlines()[-1], flush=True)
     print(f"\nload average at end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")

@@ -205,9 +205,12 @@ class BestSnapshot:
     metadata: dict
 
     @classmethod
-    def of(cls, state: TrainState, metadata: dict) -> BestSnapshot:
-        # A host copy: the next step donates (deletes) the state's device buffers.
-        variables = jax.device_get(state.variables)
+    def of(cls, state: TrainState, metadata: dict, host_variables: Any = None) -> BestSnapshot:
+        """``host_variables``: ``state.variables`` already fetched to the host, if at hand.
+
+        A host copy, because the next step donates (deletes) the state's device buffers.
+        """
+        variables = jax.device_get(state.variables) if host_variables is None else host_variables
         return cls(int(state.step), variables, json.loads(json.dumps(metadata)))
 
 

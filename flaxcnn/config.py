@@ -104,6 +104,27 @@ class TrainConfig:
             except ValueError as e:
                 raise ConfigError(str(e)) from None
 
+    @property
+    def compute_dtype(self) -> Any:
+        """The dtype the model computes in (parameters stay float32)."""
+        import jax.numpy as jnp
+
+        return jnp.bfloat16 if self.dtype == "bfloat16" else jnp.float32
+
+    def model_config(self, num_classes: int) -> dict[str, Any]:
+        """The ``models.build_model`` config of this run's model (saved in checkpoints)."""
+        if self.model == "simple_cnn":
+            return {"arch": "simple_cnn", "num_classes": num_classes,
+                    "dropout_rate": self.dropout_rate}  # fmt: skip
+        return {
+            "arch": "transfer",
+            "backbone": {"arch": "mobilenet_v2", "alpha": self.alpha, "include_top": False,
+                         "pooling": "avg"},
+            "num_classes": num_classes,
+            "dropout_rate": self.dropout_rate,
+            "freeze_backbone_batch_norm": True,
+        }  # fmt: skip
+
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 

@@ -8,6 +8,7 @@ divided once, so a padded final batch and unequal batch sizes weigh each example
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -19,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+SUM_KEYS = ("loss_sum", "correct", "count")
+
 
 def classification_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array | None) -> dict:
     """Summed softmax cross-entropy, correct predictions and example count (float32)."""
@@ -28,16 +31,13 @@ def classification_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array | 
     weights = jnp.ones(labels.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-    return {
-        "loss_sum": jnp.sum(losses * weights),
-        "correct": jnp.sum(correct * weights),
-        "count": jnp.sum(weights),
-    }
+    values = (jnp.sum(losses * weights), jnp.sum(correct * weights), jnp.sum(weights))
+    return dict(zip(SUM_KEYS, values, strict=True))
 
 
 def zero_sums() -> dict:
     """The sums of no examples (the start of an accumulation)."""
-    return {k: np.zeros((), np.float32) for k in ("loss_sum", "correct", "count")}
+    return {k: np.zeros((), np.float32) for k in SUM_KEYS}
 
 
 def add_sums(total: dict | None, sums: dict) -> dict:
@@ -67,16 +67,21 @@ def check_finite(loss: float, step: int, epoch: int) -> None:
         )
 
 
-def check_finite_params(variables: Any, step: int, epoch: int) -> None:
+def check_finite_params(variables: Any, step: int, epoch: int) -> Any:
     """Raises before a checkpoint could store NaN/Inf weights (a finite loss is computed from
-    the weights *before* the update, so the last step of an epoch can still break them)."""
+    the weights *before* the update, so the last step of an epoch can still break them).
+
+    Returns the host copy it checked (the caller may keep it instead of fetching again).
+    """
     # On the host: eager jnp checks would compile a program per leaf shape. (Replicated
     # arrays can be fetched on every process.)
-    if not all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(variables))):
+    host = jax.device_get(variables)
+    if not all(np.isfinite(x).all() for x in jax.tree.leaves(host)):
         raise NonFiniteLossError(
             f"the parameters became NaN/Inf at step {step} (epoch {epoch}); stopped without "
             "saving them. The last good checkpoint is kept: lower the learning rate and --resume"
         )
+    return host
 
 
 CSV_FIELDS = (
@@ -99,15 +104,22 @@ def write_reports(
     """
     workdir = pathlib.Path(workdir)
     payload = {"epochs": list(history), **(dict(summary) if summary else {})}
-    tmp = workdir / "metrics.json.tmp"
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, workdir / "metrics.json")
-    with open(workdir / "metrics.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, CSV_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(history)
+    _replace_file(workdir / "metrics.json", json.dumps(payload, indent=2) + "\n")
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, CSV_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(history)
+    _replace_file(workdir / "metrics.csv", table.getvalue())
     if history and plot:
         plot_curves(history, workdir / "curves.png")
+
+
+def _replace_file(path: pathlib.Path, text: str) -> None:
+    """Writes beside ``path`` and renames: a crash never leaves a half-written report."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def plot_curves(history: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> None:

@@ -3,18 +3,17 @@ cached-feature head step equals the head step on images, and the benchmark entry
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from flaxcnn import bench, data, optim, sharding, train
 from flaxcnn.config import TrainConfig
-from flaxcnn.models import build_model, keras_layer_names
-from flaxcnn.run import model_config
+from flaxcnn.models import build_model, keras_layer_names, random_variables
 
 KERAS_LAYERS = list(keras_layer_names(1.0, include_top=False))
 
@@ -46,9 +45,8 @@ def test_full_step_differentiates_the_stem():
 def test_head_on_cached_features_equals_head_on_images(tiny_cats_vs_dogs):
     """Feature caching changes where the backbone runs, not the result (float rounding)."""
     config = TrainConfig(alpha=0.35, weights=None, image_size=32, batch_size=4)
-    model = build_model(model_config(config, 2), conv_impl="lax")
-    variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
-    variables = jax.tree.map(np.asarray, variables)  # host copies: each run donates its state
+    model = build_model(config.model_config(2), conv_impl="lax")
+    variables = random_variables(model, (1, 32, 32, 3))  # host copies: each run donates
     labels = optim.path_labels(variables["params"], optim.transfer_rules(None))
     mesh = sharding.make_mesh()
     dataset = data.open_dataset(str(tiny_cats_vs_dogs))
@@ -94,3 +92,15 @@ def test_bench_cli_prints_backend_and_table():
 def test_bench_rejects_unknown_rows():
     with pytest.raises(SystemExit):
         bench.parse_args(["--rows", "inference,warp_drive"])
+
+
+def test_bfloat16_step_computes_in_bfloat16_on_a_placed_batch():
+    step = bench.build_step("inference", 2, 32, conv_impl="lax", dtype="bfloat16",
+                            batch_on_device=True)  # fmt: skip
+    hlo = step.compiled.as_text()
+    # Activations travel between kernels in bf16 (XLA:CPU widens each conv's inputs to f32
+    # inside the kernel; GPUs run the convolutions in bf16 itself).
+    assert len(re.findall(r"= bf16\[", hlo)) > 50
+    first, second = step.run(), step.run()  # the placed batch is reused
+    for sums in (first, second):
+        assert float(sums["count"]) == 2 and np.isfinite(float(sums["loss_sum"]))

@@ -188,7 +188,6 @@ def _parity_worker(out_path: str) -> None:
 
     import orbax.checkpoint as ocp
 
-    from flaxcnn import run
 
     assert jax.device_count() == 4, jax.devices()
     mesh4, mesh1 = sharding.make_mesh(), sharding.make_mesh(jax.devices()[:1])
@@ -209,7 +208,7 @@ def _parity_worker(out_path: str) -> None:
         print(f"{name}: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
 
     # Transfer model: cached features, then the head; then fine-tuning (dropout on, BN frozen).
-    transfer = build_model(run.model_config(_config("unused"), 3), conv_impl="lax")
+    transfer = build_model(_config("unused").model_config(3), conv_impl="lax")
     variables = _random_variables(transfer)
     val = {"image": images[0]["image"][:6], "label": images[0]["label"][:6]}
     val_batches = [  # 6 examples in global batches of 4: the last one padded and masked

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxcnn.models import SimpleCNN, build_model
+from flaxcnn.models import SimpleCNN, build_model, random_variables
 
 
 def _variables(model: SimpleCNN, height: int, width: int, channels: int = 3):
@@ -53,18 +53,6 @@ def test_64x64_has_four_times_the_flatten_inputs():
     assert _count(_variables(SimpleCNN(), 64, 64)) == 532_202 + 6_144 * 256 == 2_105_066
 
 
-def _random_variables(model: SimpleCNN, height: int, width: int):
-    """Variables drawn with numpy: compiling ``init`` (truncated-normal initialisers) costs
-    seconds on a small CPU, while these tests only need well-scaled weights."""
-    rng = np.random.default_rng(0)
-    return jax.tree.map(
-        lambda leaf: (rng.normal(size=leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))).astype(
-            np.float32
-        ),
-        _variables(model, height, width),
-    )
-
-
 def test_init_gives_finite_logits():
     model = SimpleCNN()
     images = np.random.default_rng(0).uniform(size=(2, 32, 32, 3)).astype(np.float32)
@@ -78,7 +66,7 @@ def test_init_gives_finite_logits():
 def test_output_shape(height, width):
     model = SimpleCNN(num_classes=7)
     images = np.random.default_rng(0).uniform(size=(5, height, width, 3)).astype(np.float32)
-    logits = jax.jit(model.apply)(_random_variables(model, height, width), images)
+    logits = jax.jit(model.apply)(random_variables(model, (1, height, width, 3)), images)
     assert logits.shape == (5, 7)
     assert logits.dtype == jnp.float32
     assert np.all(np.isfinite(logits))
@@ -104,7 +92,7 @@ def test_no_hidden_dense_layer():
 def test_dropout_only_in_train_mode():
     model = SimpleCNN(dropout_rate=0.5)
     images = np.random.default_rng(0).uniform(size=(4, 32, 32, 3)).astype(np.float32)
-    variables = _random_variables(model, 32, 32)
+    variables = random_variables(model, (1, 32, 32, 3))
     apply = jax.jit(model.apply, static_argnames="train")
     eval_a = apply(variables, images)
     eval_b = apply(variables, images, train=False)

@@ -5,15 +5,14 @@ from __future__ import annotations
 import shutil
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
 
 from flaxcnn import checkpoints, optim, sharding, train
 from flaxcnn.config import TrainConfig
-from flaxcnn.models import build_model
-from flaxcnn.run import fit, model_config
+from flaxcnn.models import build_model, random_variables
+from flaxcnn.run import fit
 
 SIZE = 32
 
@@ -21,9 +20,8 @@ SIZE = 32
 def _transfer_model():
     config = TrainConfig(alpha=0.35, weights=None, image_size=SIZE)
     # 'lax' convs compile twice as fast; both formulations are checked against Keras elsewhere.
-    model = build_model(model_config(config, 3), conv_impl="lax")
-    variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, SIZE, SIZE, 3)))
-    return model, variables
+    model = build_model(config.model_config(3), conv_impl="lax")
+    return model, random_variables(model, (1, SIZE, SIZE, 3))
 
 
 def _batch(seed, n=8):

@@ -51,7 +51,7 @@ def main() -> None:
     from flaxcnn import data, sharding, train
     from flaxcnn.config import TrainConfig
     from flaxcnn.models import build_model
-    from flaxcnn.run import fit, initial_variables, model_config
+    from flaxcnn.run import fit, initial_variables
 
     source = str(write_digits(pathlib.Path(args.digits))) if args.digits else args.data
     config = TrainConfig(data=source, download=False, weights=args.weights,
@@ -62,7 +62,7 @@ def main() -> None:
 
     dataset = data.open_dataset(source, download=False)
     hw = (args.image_size, args.image_size)
-    model = build_model(model_config(config, len(dataset.class_names)))
+    model = build_model(config.model_config(len(dataset.class_names)))
     variables = initial_variables(config, model, hw, jax.random.PRNGKey(0))
     mesh = sharding.make_mesh()
     common = dict(batch_size=32, image_size=hw, preprocessing="tf")
