@@ -45,6 +45,8 @@ def main() -> None:
     parser.add_argument("--digits")
     parser.add_argument("--weights", default="imagenet")
     parser.add_argument("--image-size", type=int, default=160)
+    parser.add_argument("--head-learning-rate", type=float, default=None,
+                        help="override the default head learning rate")
     args = parser.parse_args()
     from sklearn.linear_model import LogisticRegression
 
@@ -56,6 +58,8 @@ def main() -> None:
     source = str(write_digits(pathlib.Path(args.digits))) if args.digits else args.data
     config = TrainConfig(data=source, download=False, weights=args.weights,
                          image_size=args.image_size, finetune_epochs=0)
+    if args.head_learning_rate is not None:
+        config = config.replace(head_learning_rate=args.head_learning_rate)
     with tempfile.TemporaryDirectory() as workdir:
         result = fit(config, workdir)
     head_accuracy = result.summary["epochs"][-1]["val_accuracy"]
