@@ -13,8 +13,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import linen as nn
 
-from flaxcnn.models.mobilenet_v2 import MIN_INPUT_SIZE, MobileNetV2
+from flaxcnn.models.mobilenet_v2 import MIN_INPUT_SIZE, MobileNetV2, last_conv_channels
 from flaxcnn.weights import cache, keras_h5, merge, registry
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,18 @@ def _size_hw(input_size: int | tuple[int, int]) -> tuple[int, int]:
     if min(height, width) < MIN_INPUT_SIZE:
         raise ValueError(f"input_size {input_size} is too small; MobileNetV2 needs >= 32")
     return height, width
+
+
+class _Classifier(nn.Module):
+    """MobileNetV2's ``predictions`` layer alone. Flax derives init keys from module paths,
+    so its initial values equal those of the whole model's ``init`` with the same key."""
+
+    num_classes: int
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return nn.Dense(self.num_classes, dtype=self.dtype, name="predictions")(x)
 
 
 def mobilenet_v2(
@@ -76,12 +89,16 @@ def mobilenet_v2(
     rng = jax.random.PRNGKey(0) if rng is None else rng
     init = lambda: model.init(rng, jnp.zeros((1, height, width, 3)))
     new_head = include_top and num_classes != 1000
-    if weights is None or new_head:
-        variables = jax.tree.map(np.asarray, jax.jit(init)())
-        if weights is None:
-            return model, variables
-    else:  # every leaf comes from the file: shapes suffice, nothing is computed
-        variables = jax.eval_shape(init)
+    if weights is None:
+        return model, jax.tree.map(np.asarray, jax.jit(init)())
+    # Leaves from the file need only their shapes; a new classifier is initialised alone,
+    # as model.init would (compiling the whole model's initialiser costs ~10 s on a CPU).
+    variables = jax.eval_shape(init)
+    if new_head:
+        classifier = _Classifier(num_classes, dtype).init(
+            rng, jnp.zeros((1, last_conv_channels(alpha))))  # fmt: skip
+        variables["params"]["predictions"] = jax.tree.map(
+            np.asarray, classifier["params"]["predictions"])  # fmt: skip
 
     spec = registry.find_spec(alpha, (height, width), include_top and not new_head)
     path = cache.resolve(weights, spec, cache=cache_dir, download=download)

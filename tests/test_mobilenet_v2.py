@@ -145,3 +145,10 @@ def test_new_head_leaves_only_the_classifier_unloaded(shared_weights):
         for layer, leaves in reference[collection].items():
             for name, value in leaves.items():
                 np.testing.assert_array_equal(variables[collection][layer][name], value)
+    # The new classifier starts exactly where the whole model's random init puts it (it is
+    # initialised alone, without compiling the backbone's initialisers).
+    _, random_init = pretrained.mobilenet_v2(1.0, 96, include_top=True, num_classes=5,
+                                             weights=None)  # fmt: skip
+    for name in ("kernel", "bias"):
+        np.testing.assert_array_equal(variables["params"]["predictions"][name],
+                                      random_init["params"]["predictions"][name])  # fmt: skip
