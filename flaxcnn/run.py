@@ -392,22 +392,7 @@ def _fit(config: TrainConfig, workdir, resume: bool, stores: list) -> FitResult:
                                      steps_per_epoch)  # fmt: skip
                 # On the mesh before step 1, or step 2 (fed step 1's output) compiles again.
                 state = sharding.replicate(state, mesh)
-            labels = optim.path_labels(state.params, phase.rules)
-            counts = optim.count_by_label(state.params, labels)
-            apply_fn = (
-                (lambda v, x, **kw: model.apply(v, x, method=model.classify_features, **kw))
-                if phase.cached_features else model.apply
-            )  # fmt: skip
-            input_key = "features" if phase.cached_features else "image"
-            steps = train.make_steps(apply_fn, train.frozen_tree(labels), mesh,
-                                     update_batch_stats=config.model == "simple_cnn",
-                                     input_key=input_key)  # fmt: skip
-            bn_mode = ("trains (batch statistics)" if config.model == "simple_cnn" else
-                       "of the backbone in inference mode (running averages, never updated)")
-            extra = ", features cached (one backbone pass)" if phase.cached_features else ""
-            extra += ", augmentation on" if phase.augment else ", augmentation off"
-            log.info("%s", train.describe_phase(phase.name, counts, phase.trainable_from, bn_mode,
-                                                phase.learning_rate, extra))  # fmt: skip
+            steps = _phase_steps(phase, state.params, model, mesh, config)
             source = _PhaseData.build(phase, dataset, model, state, mesh, config, common, shard)
 
             first_epoch_in_phase = start["epoch_in_phase"] if resuming_here else 0
@@ -496,6 +481,28 @@ def _starting_point(config: TrainConfig, model, phases: list[Phase], hw, rng, la
     if variables is None:
         variables = initial_variables(config, model, hw, jax.random.fold_in(rng, 1))
     return start, state, variables
+
+
+def _phase_steps(phase: Phase, params, model, mesh, config: TrainConfig) -> train.StepFns:
+    """Compiles the phase's steps (on cached features: the head alone) and logs the line
+    each phase starts with."""
+    labels = optim.path_labels(params, phase.rules)
+    apply_fn = (
+        (lambda v, x, **kw: model.apply(v, x, method=model.classify_features, **kw))
+        if phase.cached_features else model.apply
+    )  # fmt: skip
+    input_key = "features" if phase.cached_features else "image"
+    steps = train.make_steps(apply_fn, train.frozen_tree(labels), mesh,
+                             update_batch_stats=config.model == "simple_cnn",
+                             input_key=input_key)  # fmt: skip
+    bn_mode = ("trains (batch statistics)" if config.model == "simple_cnn" else
+               "of the backbone in inference mode (running averages, never updated)")
+    extra = ", features cached (one backbone pass)" if phase.cached_features else ""
+    extra += ", augmentation on" if phase.augment else ", augmentation off"
+    counts = optim.count_by_label(params, labels)
+    log.info("%s", train.describe_phase(phase.name, counts, phase.trainable_from, bn_mode,
+                                        phase.learning_rate, extra))  # fmt: skip
+    return steps
 
 
 def _as_sums(partial: dict[str, float]) -> dict[str, jax.Array]:
