@@ -116,16 +116,24 @@ def describe_machine(conv_impl: str, malloc_tuned: bool) -> list[str]:
     ]
 
 
-def time_calls(run: Callable[[], Any], warmup: int, steps: int) -> tuple[float, float]:
-    """Median and minimum milliseconds of ``steps`` calls after ``warmup`` calls."""
-    import jax
+def time_calls(
+    run: Callable[[], Any], warmup: int, steps: int, wait: Callable[[Any], Any] | None = None
+) -> tuple[float, float]:
+    """Median and minimum milliseconds of ``steps`` calls after ``warmup`` calls.
 
+    ``wait(result)`` blocks until a call's work is done (default ``jax.block_until_ready``;
+    other frameworks pass their own, e.g. a CUDA synchronize).
+    """
+    if wait is None:
+        import jax
+
+        wait = jax.block_until_ready
     for _ in range(warmup):
-        jax.block_until_ready(run())
+        wait(run())
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        jax.block_until_ready(run())
+        wait(run())
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times), min(times)
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -46,19 +45,6 @@ PEAK_GBPS = {
 
 def peak_gbps(device_name: str) -> float | None:
     return next((v for k, v in PEAK_GBPS.items() if k in device_name), None)
-
-
-def _median_ms(step, warmup: int, steps: int, sync) -> tuple[float, float]:
-    for _ in range(warmup):
-        step()
-    sync()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times), min(times)
 
 
 def run_flaxcnn(batch_sizes, image_sizes, warmup, steps) -> list[dict]:
@@ -116,6 +102,8 @@ def run_torch(batch_sizes, image_sizes, warmup, steps, compile_modes) -> list[di
     import torch
     import torchvision
 
+    from flaxcnn import bench
+
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     name = torch.cuda.get_device_name() if cuda else "cpu"
@@ -130,7 +118,7 @@ def run_torch(batch_sizes, image_sizes, warmup, steps, compile_modes) -> list[di
                 step()  # compiles when compiled
                 sync()
                 compile_s = time.perf_counter() - start
-                median, best = _median_ms(step, warmup, steps, sync)
+                median, best = bench.time_calls(step, warmup, steps, wait=lambda _: sync())
                 rows.append({"side": "torch.compile" if compiled else "torch eager", "batch": b,
                              "size": s, "ms": median, "ms_min": best, "compile_s": compile_s,
                              "device": name, "backend": device.type,
@@ -172,10 +160,10 @@ def main() -> None:
                         help=argparse.SUPPRESS)  # the subprocesses
     args = parser.parse_args()
     grid = (args.batch_sizes, args.image_sizes, args.warmup, args.steps)
-    if args.side == "flaxcnn":
-        rows = run_flaxcnn(*grid)
+    if args.side == "flaxcnn":  # a subprocess: its rows go to stdout as JSON lines
+        run_flaxcnn(*grid)
     elif args.side == "torch":
-        rows = run_torch(*grid, [False] if args.no_compile else [False, True])
+        run_torch(*grid, [False] if args.no_compile else [False, True])
     else:
         rows = []
         for side in ("flaxcnn", "torch"):
@@ -189,8 +177,6 @@ def main() -> None:
               f"{next((r['version'] for r in rows if r['side'] != 'flaxcnn'), '')}; peak HBM: "
               f"{f'{peak:.0f} GB/s' if peak else 'unknown (--peak-gbps)'}")
         print(table(rows, peak))
-        return
-    del rows
 
 
 if __name__ == "__main__":
