@@ -17,7 +17,13 @@ Achieved memory bandwidth: MobileNetV2 is memory-bound, so the honest ceiling is
 bytes are XLA's own count for flaxcnn's compiled step (``cost_analysis()['bytes accessed']``,
 operands and results of every fused kernel); the same byte count is divided by each side's
 step time (torch does not report one), against the card's peak from ``PEAK_GBPS`` or
-``--peak-gbps``.
+``--peak-gbps`` and against a measured device-to-device copy (the practical ceiling).
+
+flaxcnn runs with its default ``conv_impl='auto'`` (the baseline of every ratio) and, as extra
+rows, each other formulation named by ``--conv-impls``, so one run also checks that ``auto``
+picks the faster one on this backend. ``--deadline`` bounds the run on a leased machine: the
+rows come in order of importance, each is logged as it finishes (``--jsonl``), and rows not
+started in time are listed as skipped.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 
 # Peak HBM bandwidth (GB/s) by a substring of the device name (vendor data sheets).
@@ -47,26 +54,52 @@ def peak_gbps(device_name: str) -> float | None:
     return next((v for k, v in PEAK_GBPS.items() if k in device_name), None)
 
 
-def run_flaxcnn(batch_sizes, image_sizes, warmup, steps) -> list[dict]:
+def _expired(until: float | None, what: dict) -> bool:
+    """Past the deadline: says so as a row (so the table shows what was left out)."""
+    if until is not None and time.time() > until:
+        print(json.dumps({**what, "skipped": "deadline"}), flush=True)
+        return True
+    return False
+
+
+def run_flaxcnn(batch_sizes, image_sizes, warmup, steps, conv_impls, until=None) -> None:
     import jax
 
     from flaxcnn import bench
+    from flaxcnn.models.layers import resolve_conv_impl
 
     device = jax.devices()[0]
-    rows = []
-    for b in batch_sizes:
-        for s in image_sizes:
-            step = bench.build_step("full", b, s, conv_impl="auto", dtype="bfloat16",
-                                    batch_on_device=True)  # fmt: skip
-            median, best = bench.time_calls(step.run, warmup, steps)
-            cost = step.compiled.cost_analysis()
-            cost = cost[0] if isinstance(cost, list) else cost
-            rows.append({"side": "flaxcnn", "batch": b, "size": s, "ms": median, "ms_min": best,
-                         "compile_s": step.compile_s, "bytes": cost.get("bytes accessed"),
-                         "flops": cost.get("flops"), "device": device.device_kind,
-                         "backend": jax.default_backend(), "version": f"jax {jax.__version__}"})
-            print(json.dumps(rows[-1]), flush=True)
-    return rows
+    for impl in conv_impls:
+        side = "flaxcnn" if impl == "auto" else f"flaxcnn ({impl})"
+        for b in batch_sizes:
+            for s in image_sizes:
+                if _expired(until, {"side": side, "batch": b, "size": s}):
+                    continue
+                step = bench.build_step("full", b, s, conv_impl=impl, dtype="bfloat16",
+                                        batch_on_device=True)  # fmt: skip
+                median, best = bench.time_calls(step.run, warmup, steps)
+                cost = step.compiled.cost_analysis()
+                cost = cost[0] if isinstance(cost, list) else cost
+                print(json.dumps({
+                    "side": side, "batch": b, "size": s, "ms": median, "ms_min": best,
+                    "compile_s": step.compile_s, "bytes": cost.get("bytes accessed"),
+                    "flops": cost.get("flops"), "conv_impl": resolve_conv_impl(impl),
+                    "device": device.device_kind, "backend": jax.default_backend(),
+                    "version": f"jax {jax.__version__}"}), flush=True)
+
+
+def copy_gbps(torch, device, gib: float = 2.0) -> float:
+    """Measured device-to-device copy bandwidth (bytes read + written): the practical ceiling."""
+    a = torch.empty(int(gib * 2**30), dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    return 2 * a.numel() * 10 / (time.perf_counter() - start) / 1e9
 
 
 def torch_step(batch: int, size: int, compiled: bool, device):
@@ -81,7 +114,7 @@ def torch_step(batch: int, size: int, compiled: bool, device):
     for m in model.modules():  # BatchNorm on running averages, as flaxcnn's row
         if isinstance(m, torch.nn.BatchNorm2d):
             m.eval()
-    forward = torch.compile(model) if compiled else model
+    forward = torch.compile(model, dynamic=False) if compiled else model
     opt = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1,
                             fused=device.type == "cuda")  # fmt: skip
     x = torch.rand(batch, 3, size, size, device=device).mul_(2).sub_(1)
@@ -98,7 +131,7 @@ def torch_step(batch: int, size: int, compiled: bool, device):
     return step
 
 
-def run_torch(batch_sizes, image_sizes, warmup, steps, compile_modes) -> list[dict]:
+def run_torch(batch_sizes, image_sizes, warmup, steps, modes, until=None) -> None:
     import torch
     import torchvision
 
@@ -109,43 +142,90 @@ def run_torch(batch_sizes, image_sizes, warmup, steps, compile_modes) -> list[di
     name = torch.cuda.get_device_name() if cuda else "cpu"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     torch.backends.cudnn.benchmark = True
-    rows = []
-    for compiled in compile_modes:
+    version = f"torch {torch.__version__}, torchvision {torchvision.__version__}"
+    if cuda and "eager" in modes:
+        print(json.dumps({"side": "copy", "gbps": copy_gbps(torch, device)}), flush=True)
+    for mode in modes:
+        side = "torch.compile" if mode == "compile" else "torch eager"
         for b in batch_sizes:
             for s in image_sizes:
-                step = torch_step(b, s, compiled, device)
+                if _expired(until, {"side": side, "batch": b, "size": s}):
+                    continue
+                step = torch_step(b, s, mode == "compile", device)
                 start = time.perf_counter()
                 step()  # compiles when compiled
                 sync()
                 compile_s = time.perf_counter() - start
                 median, best = bench.time_calls(step, warmup, steps, wait=lambda _: sync())
-                rows.append({"side": "torch.compile" if compiled else "torch eager", "batch": b,
-                             "size": s, "ms": median, "ms_min": best, "compile_s": compile_s,
-                             "device": name, "backend": device.type,
-                             "version": f"torch {torch.__version__}, torchvision "
-                                        f"{torchvision.__version__}"})  # fmt: skip
-                print(json.dumps(rows[-1]), flush=True)
-    return rows
+                print(json.dumps({"side": side, "batch": b, "size": s, "ms": median,
+                                  "ms_min": best, "compile_s": compile_s, "device": name,
+                                  "backend": device.type, "version": version}), flush=True)
 
 
-def table(rows: list[dict], peak: float | None) -> str:
-    """Markdown: img/s per side, flaxcnn's ratio to each torch row, achieved bandwidth."""
-    flax = {(r["batch"], r["size"]): r for r in rows if r["side"] == "flaxcnn"}
-    lines = ["| side | batch | size | img/s | ms/step | flaxcnn speed-up | GB/s (XLA bytes) |"
-             " % of peak |", "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-    for r in rows:
+def _percent(value: float, ceiling: float | None) -> str:
+    return f"{100 * value / ceiling:.0f}" if ceiling else "-"
+
+
+def table(rows: list[dict], peak: float | None, copy: float | None) -> str:
+    """Markdown: img/s per row, flaxcnn's speed-up over it, achieved bandwidth.
+
+    The speed-up is against flaxcnn's default (``conv_impl='auto'``) at the same shape. The
+    bandwidth divides XLA's byte count (the row's own for flaxcnn rows, the default flaxcnn
+    row's for torch) by the row's step time.
+    """
+    timed = [r for r in rows if "ms" in r]
+    flax = {(r["batch"], r["size"]): r for r in timed if r["side"] == "flaxcnn"}
+    lines = ["| side | batch | size | img/s | ms/step (min) | compile s | flaxcnn speed-up |"
+             " GB/s (XLA bytes) | % of peak | % of copy |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for r in timed:
         ref = flax.get((r["batch"], r["size"]))
-        gbps = ref["bytes"] / r["ms"] / 1e6 if ref and ref.get("bytes") else float("nan")
-        ratio = r["ms"] / ref["ms"] if ref else float("nan")
-        share = f"{100 * gbps / peak:.0f}" if peak else "-"
+        nbytes = r.get("bytes") or (ref or {}).get("bytes")
+        gbps = nbytes / r["ms"] / 1e6 if nbytes else float("nan")
+        ratio = f"{r['ms'] / ref['ms']:.2f}x" if ref else "-"
         lines.append(f"| {r['side']} | {r['batch']} | {r['size']} | "
-                     f"{r['batch'] / r['ms'] * 1e3:.0f} | {r['ms']:.2f} | {ratio:.2f}x | "
-                     f"{gbps:.0f} | {share} |")  # fmt: skip
+                     f"{r['batch'] / r['ms'] * 1e3:.0f} | {r['ms']:.2f} ({r['ms_min']:.2f}) | "
+                     f"{r['compile_s']:.1f} | {ratio} | {gbps:.0f} | {_percent(gbps, peak)} | "
+                     f"{_percent(gbps, copy)} |")  # fmt: skip
+    skipped = [f"{r['side']} {r['batch']}x{r['size']}" for r in rows if "skipped" in r]
+    if skipped:
+        lines.append(f"\nNot run (past --deadline): {', '.join(skipped)}")
     return "\n".join(lines)
 
 
 def _int_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
+
+
+def _str_list(text: str) -> list[str]:
+    return [x for x in text.split(",") if x]
+
+
+def _side_process(argv: list[str], log: str | None, until: float | None) -> list[dict]:
+    """Runs one side's subprocess, echoing and logging its rows as they come.
+
+    A side that crashes or outlives the deadline loses only its unfinished rows.
+    """
+    proc = subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    timer = None
+    if until is not None:  # a row already started gets 120 s past the deadline
+        timer = threading.Timer(max(0.0, until + 120 - time.time()), proc.kill)
+        timer.start()
+    rows = []
+    for line in proc.stdout:
+        print(line, end="", flush=True)
+        if line.startswith("{"):
+            rows.append(json.loads(line))
+            if log:
+                with open(log, "a") as f:
+                    f.write(line)
+    if proc.wait() != 0:
+        print(f"[{' '.join(argv[-4:])}] exited with {proc.returncode}; its rows so far are kept",
+              flush=True)  # fmt: skip
+    if timer:
+        timer.cancel()
+    return rows
 
 
 def main() -> None:
@@ -154,29 +234,55 @@ def main() -> None:
     parser.add_argument("--image-sizes", type=_int_list, default=[160, 224])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--conv-impls", type=_str_list, default=["auto", "unrolled"],
+                        help="flaxcnn rows: 'auto' (the default, the baseline of the ratios) "
+                             "and any other formulation to compare")  # fmt: skip
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     parser.add_argument("--peak-gbps", type=float, help="the card's peak HBM bandwidth")
+    parser.add_argument("--deadline", type=float,
+                        help="seconds: rows not started by then are skipped (and listed)")
+    parser.add_argument("--jsonl", help="also append every row to this file as it comes")
     parser.add_argument("--side", choices=("both", "flaxcnn", "torch"), default="both",
                         help=argparse.SUPPRESS)  # the subprocesses
+    parser.add_argument("--torch-modes", type=_str_list, default=["eager", "compile"],
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--until", type=float, help=argparse.SUPPRESS)  # absolute deadline
     args = parser.parse_args()
     grid = (args.batch_sizes, args.image_sizes, args.warmup, args.steps)
     if args.side == "flaxcnn":  # a subprocess: its rows go to stdout as JSON lines
-        run_flaxcnn(*grid)
-    elif args.side == "torch":
-        run_torch(*grid, [False] if args.no_compile else [False, True])
-    else:
-        rows = []
-        for side in ("flaxcnn", "torch"):
-            cmd = [sys.executable, *sys.argv, "--side", side]
-            out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True,
-                                 env={**os.environ, "PYTHONUNBUFFERED": "1"}).stdout
-            rows += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-        device = rows[0]["device"]
-        peak = args.peak_gbps or peak_gbps(device)
-        print(f"\ndevice: {device}; {rows[0]['version']}; "
-              f"{next((r['version'] for r in rows if r['side'] != 'flaxcnn'), '')}; peak HBM: "
-              f"{f'{peak:.0f} GB/s' if peak else 'unknown (--peak-gbps)'}")
-        print(table(rows, peak))
+        run_flaxcnn(*grid, args.conv_impls, args.until)
+        return
+    if args.side == "torch":
+        run_torch(*grid, args.torch_modes, args.until)
+        return
+    until = time.time() + args.deadline if args.deadline else None
+    # The product's default first, then the rows it is compared with, then flaxcnn's other
+    # formulations: a deadline cuts the least important rows.
+    sides = [["--side", "flaxcnn", "--conv-impls", "auto"],
+             ["--side", "torch", "--torch-modes", "eager"],
+             *([] if args.no_compile else [["--side", "torch", "--torch-modes", "compile"]]),
+             *(["--side", "flaxcnn", "--conv-impls", impl]
+               for impl in args.conv_impls if impl != "auto")]
+    base = [a for a in sys.argv if a != "--no-compile"]
+    for flag in ("--conv-impls", "--deadline", "--jsonl"):  # flags the parent handles
+        if flag in base:
+            i = base.index(flag)
+            del base[i : i + 2]
+    rows = []
+    for side in sides:
+        argv = [*base, *side, *(["--until", str(until)] if until else [])]
+        rows += _side_process(argv, args.jsonl, until)
+    timed = [r for r in rows if "ms" in r]
+    if not timed:
+        sys.exit("no row was timed: see the errors above")
+    device = timed[0]["device"]
+    copy = next((r["gbps"] for r in rows if r["side"] == "copy"), None)
+    peak = args.peak_gbps or peak_gbps(device)
+    versions = sorted({r["version"] for r in timed})
+    print(f"\ndevice: {device}; {'; '.join(versions)}; peak HBM (data sheet): "
+          f"{f'{peak:.0f} GB/s' if peak else 'unknown (--peak-gbps)'}; measured copy: "
+          f"{f'{copy:.0f} GB/s' if copy else '-'}")
+    print(table(rows, peak, copy))
 
 
 if __name__ == "__main__":
