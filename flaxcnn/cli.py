@@ -46,7 +46,9 @@ HELP = {
     "early_stopping_patience": "stop a phase after this many epochs without validation "
     "accuracy improvement (0: off)",
     "finetune_epochs": "epochs of phase 2 (fine-tuning); numbering continues from phase 1",
-    "finetune_learning_rate": "peak AdamW learning rate of phase 2",
+    "finetune_learning_rate": "peak AdamW learning rate of phase 2 (the unfrozen backbone)",
+    "finetune_head_learning_rate": "peak AdamW learning rate of the head in phase 2 (the "
+    "backbone's is --finetune-learning-rate)",
     "lr_schedule": "learning rate over each phase: cosine decay from the phase's rate to 0, "
     "or constant (the Keras tutorial)",
     "fine_tune_at": "first trainable backbone layer in phase 2: Keras layer index (100 as in "

@@ -54,6 +54,7 @@ class TrainConfig:
     # Phase 2: fine-tuning.
     finetune_epochs: int = 10
     finetune_learning_rate: float = 5e-5
+    finetune_head_learning_rate: float = 1e-3
     fine_tune_at: str = "100"
     lr_schedule: str = "cosine"  # per phase: from the phase's learning rate to 0
     weight_decay: float = 0.1  # AdamW, trainable kernels: keeps the cached-feature head calibrated
@@ -85,6 +86,8 @@ class TrainConfig:
         positive = lambda x: 0 < x < math.inf
         check(positive(self.head_learning_rate), "head-learning-rate", "a positive number")
         check(positive(self.finetune_learning_rate), "finetune-learning-rate",
+              "a positive number")
+        check(positive(self.finetune_head_learning_rate), "finetune-head-learning-rate",
               "a positive number")
         check(self.lr_schedule in LR_SCHEDULES, "lr-schedule", ", ".join(LR_SCHEDULES))
         check(self.feature_cache in FEATURE_CACHE, "feature-cache", ", ".join(FEATURE_CACHE))

@@ -2,9 +2,10 @@
 
 Every parameter gets a label from ordered ``(regex, label)`` rules over its ``/``-joined
 path (first match wins; an uncovered parameter is an error, so a renamed layer cannot slip
-through). ``optax.multi_transform`` gives ``'trainable'`` leaves Adam(W) and ``'frozen'``
-leaves ``optax.set_to_zero()``, so frozen parameters stay bit-identical whatever the
-gradients; weight decay is masked to trainable kernels. (The train step additionally stops
+through). ``optax.multi_transform`` gives ``'trainable'`` leaves Adam(W), ``'head'`` leaves
+(the new head while fine-tuning) Adam(W) at their own learning rate, and ``'frozen'`` leaves
+``optax.set_to_zero()``, so frozen parameters stay bit-identical whatever the gradients;
+weight decay is masked to trainable kernels. (The train step additionally stops
 gradients at frozen leaves so that XLA never computes their backward pass.)
 """
 
@@ -21,6 +22,7 @@ from flax import traverse_util
 from flaxcnn.models.mobilenet_v2 import keras_layer_names
 
 TRAINABLE = "trainable"
+HEAD = "head"  # trainable, at the head's own learning rate
 FROZEN = "frozen"
 Rules = Sequence[tuple[str, str]]
 
@@ -77,15 +79,19 @@ def fine_tune_layer(fine_tune_at: str | int, alpha: float = 1.0) -> str:
     return next(n for n in names[index:] if n in weighted)
 
 
-def transfer_rules(trainable_from: str | None, alpha: float = 1.0) -> list[tuple[str, str]]:
+def transfer_rules(
+    trainable_from: str | None, alpha: float = 1.0, *, head_label: str = TRAINABLE
+) -> list[tuple[str, str]]:
     """Freeze rules for ``TransferClassifier``: the head trains; the backbone from a layer on.
 
     Args:
       trainable_from: first trainable backbone layer (see :func:`fine_tune_layer`), or
         ``None`` to freeze the whole backbone (feature extraction).
       alpha: width multiplier.
+      head_label: :data:`HEAD` gives the head its own learning rate (see
+        :func:`make_optimizer`).
     """
-    rules = [(r"head/.*", TRAINABLE)]
+    rules = [(r"head/.*", head_label)]
     if trainable_from is not None:
         names = list(keras_layer_names(alpha, include_top=False))
         unfrozen = names[names.index(trainable_from) :]
@@ -97,29 +103,44 @@ def transfer_rules(trainable_from: str | None, alpha: float = 1.0) -> list[tuple
 ALL_TRAINABLE: Rules = ((r".*", TRAINABLE),)
 
 
+LearningRate = float | optax.Schedule
+
+
 def make_optimizer(
-    learning_rate: float | optax.Schedule, labels: Any, *, weight_decay: float = 0.0
+    learning_rate: LearningRate,
+    labels: Any,
+    *,
+    weight_decay: float = 0.0,
+    head_learning_rate: LearningRate | None = None,
 ) -> optax.GradientTransformation:
     """Adam (AdamW when ``weight_decay > 0``, on trainable kernels only); frozen leaves get 0.
 
     Args:
-      learning_rate: constant or schedule.
-      labels: tree of :data:`TRAINABLE` / :data:`FROZEN` (see :func:`path_labels`).
+      learning_rate: constant or schedule of the :data:`TRAINABLE` leaves.
+      labels: tree of :data:`TRAINABLE` / :data:`HEAD` / :data:`FROZEN` (see
+        :func:`path_labels`).
       weight_decay: decoupled weight decay for trainable leaves with ``ndim > 1``.
+      head_learning_rate: constant or schedule of the :data:`HEAD` leaves; required when
+        ``labels`` holds any.
     """
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
-    trainable = (
-        optax.adamw(learning_rate, weight_decay=weight_decay, mask=decay_mask)
+    adam = lambda rate: (
+        optax.adamw(rate, weight_decay=weight_decay, mask=decay_mask)
         if weight_decay
-        else optax.adam(learning_rate)
+        else optax.adam(rate)
     )
-    return optax.multi_transform({TRAINABLE: trainable, FROZEN: optax.set_to_zero()}, labels)
+    transforms = {TRAINABLE: adam(learning_rate), FROZEN: optax.set_to_zero()}
+    if HEAD in jax.tree.leaves(labels):
+        if head_learning_rate is None:
+            raise ValueError(f"labels hold {HEAD!r} leaves but no head_learning_rate was given")
+        transforms[HEAD] = adam(head_learning_rate)
+    return optax.multi_transform(transforms, labels)
 
 
 def count_by_label(params: Any, labels: Any) -> dict[str, int]:
-    """Number of trainable and frozen scalars."""
+    """Number of trainable (:data:`HEAD` included) and frozen scalars."""
     counts = {TRAINABLE: 0, FROZEN: 0}
     flat_labels = traverse_util.flatten_dict(labels)
     for key, value in traverse_util.flatten_dict(params).items():
-        counts[flat_labels[key]] += int(value.size)
+        counts[FROZEN if flat_labels[key] == FROZEN else TRAINABLE] += int(value.size)
     return counts

@@ -61,6 +61,7 @@ class Phase:
     trainable_from: str
     cached_features: bool
     augment: bool
+    head_learning_rate: float | None = None  # the head's own rate (rules label it HEAD)
 
 
 def plan_phases(config: TrainConfig) -> list[Phase]:
@@ -78,8 +79,8 @@ def plan_phases(config: TrainConfig) -> list[Phase]:
         Phase("head", head_epochs, config.head_learning_rate,
               tuple(optim.transfer_rules(None)), "head", cache, config.augment and not cache),
         Phase("finetune", config.finetune_epochs, config.finetune_learning_rate,
-              tuple(optim.transfer_rules(first, config.alpha)), f"backbone/{first}", False,
-              config.augment),
+              tuple(optim.transfer_rules(first, config.alpha, head_label=optim.HEAD)),
+              f"backbone/{first}", False, config.augment, config.finetune_head_learning_rate),
     ]  # fmt: skip
 
 
@@ -498,6 +499,8 @@ def _phase_steps(phase: Phase, params, model, mesh, config: TrainConfig) -> trai
     bn_mode = ("trains (batch statistics)" if config.model == "simple_cnn" else
                "of the backbone in inference mode (running averages, never updated)")
     extra = ", features cached (one backbone pass)" if phase.cached_features else ""
+    if phase.head_learning_rate is not None:
+        extra += f" (head {phase.head_learning_rate:g})"
     extra += ", augmentation on" if phase.augment else ", augmentation off"
     counts = optim.count_by_label(params, labels)
     log.info("%s", train.describe_phase(phase.name, counts, phase.trainable_from, bn_mode,
@@ -539,17 +542,23 @@ def _stale_epochs(history: list[dict], phase_name: str) -> int:
     return stale
 
 
-def _phase_schedule(phase: Phase, config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
-    """The learning rate over a phase: cosine decay from its rate to 0, or constant."""
+def _phase_schedule(
+    rate: float, phase: Phase, config: TrainConfig, steps_per_epoch: int
+) -> optax.Schedule:
+    """A learning rate over a phase: cosine decay from ``rate`` to 0, or constant."""
     if config.lr_schedule == "constant":
-        return optax.constant_schedule(phase.learning_rate)
-    return optax.cosine_decay_schedule(phase.learning_rate, max(phase.epochs * steps_per_epoch, 1))
+        return optax.constant_schedule(rate)
+    return optax.cosine_decay_schedule(rate, max(phase.epochs * steps_per_epoch, 1))
 
 
 def _phase_state(
     phase: Phase, variables, rng, config: TrainConfig, step: int, steps_per_epoch: int
 ) -> train.TrainState:
     labels = optim.path_labels(variables["params"], phase.rules)
-    learning_rate = _phase_schedule(phase, config, steps_per_epoch)
-    tx = optim.make_optimizer(learning_rate, labels, weight_decay=config.weight_decay)
+    schedule = lambda rate: (
+        None if rate is None else _phase_schedule(rate, phase, config, steps_per_epoch)
+    )
+    tx = optim.make_optimizer(schedule(phase.learning_rate), labels,
+                              weight_decay=config.weight_decay,
+                              head_learning_rate=schedule(phase.head_learning_rate))  # fmt: skip
     return train.TrainState.create(variables, tx, rng, step=step)

@@ -68,6 +68,35 @@ def test_frozen_leaves_are_bit_identical_and_trainable_ones_move(trainable_from,
         assert flat_labels[("backbone", "block_13_project", "kernel")] == optim.FROZEN
 
 
+def test_fine_tuning_moves_the_head_at_its_own_learning_rate():
+    """Adam's first step moves each leaf by about its learning rate (|m / sqrt(v)| = 1), so
+    the largest change per group shows which rate it got."""
+    model, variables = _transfer_model()
+    rules = optim.transfer_rules("block_14_expand", alpha=0.35, head_label=optim.HEAD)
+    labels = optim.path_labels(variables["params"], rules)
+    with pytest.raises(ValueError, match="no head_learning_rate"):
+        optim.make_optimizer(1e-4, labels)
+    tx = optim.make_optimizer(1e-4, labels, head_learning_rate=1e-2)
+    state = train.TrainState.create(variables, tx, jax.random.PRNGKey(1))
+    mesh = sharding.make_mesh()
+    steps = train.make_steps(model.apply, train.frozen_tree(labels), mesh, update_batch_stats=False)
+    end, _ = steps.train(state, sharding.to_global(_batch(0), mesh))
+
+    flat_labels = traverse_util.flatten_dict(labels)
+    before = traverse_util.flatten_dict(variables["params"])
+    after = traverse_util.flatten_dict(jax.tree.map(np.array, end.params))
+    largest = {optim.TRAINABLE: 0.0, optim.HEAD: 0.0, optim.FROZEN: 0.0}
+    for key, label in flat_labels.items():
+        change = float(np.abs(after[key] - np.asarray(before[key])).max())
+        largest[label] = max(largest[label], change)
+    assert largest[optim.HEAD] == pytest.approx(1e-2, rel=1e-3)
+    assert largest[optim.TRAINABLE] == pytest.approx(1e-4, rel=1e-3)
+    assert largest[optim.FROZEN] == 0.0
+    # The phase's opening line counts the head among the trainable parameters.
+    trainable = sum(np.size(before[k]) for k, label in flat_labels.items() if label != "frozen")
+    assert optim.count_by_label(variables["params"], labels)[optim.TRAINABLE] == trainable
+
+
 def test_fine_tune_at_resolves_keras_index_and_names():
     assert optim.fine_tune_layer("100") == "block_11_depthwise"  # layer 100 is a ReLU
     assert optim.fine_tune_layer(1) == "Conv1"
