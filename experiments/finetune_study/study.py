@@ -28,6 +28,7 @@ def main() -> None:
     parser.add_argument("--weights", default="imagenet")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--finetune-learning-rate", type=float, default=None)
+    parser.add_argument("--finetune-head-learning-rate", type=float, default=None)
     parser.add_argument("--lr-schedule", default=None)
     parser.add_argument("--ema", type=float, nargs="*", default=[0.99, 0.995])
     parser.add_argument("--average-from", type=int, default=6, help="1-based fine-tune epoch")
@@ -38,6 +39,8 @@ def main() -> None:
     from flaxcnn.run import _phase_state, fit, plan_phases
 
     changes = {k: v for k, v in (("finetune_learning_rate", args.finetune_learning_rate),
+                                 ("finetune_head_learning_rate",
+                                  args.finetune_head_learning_rate),
                                  ("lr_schedule", args.lr_schedule)) if v is not None}
     config = TrainConfig(data=args.data, download=False, weights=args.weights, seed=args.seed,
                          **changes)
