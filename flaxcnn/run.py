@@ -499,12 +499,11 @@ def _phase_steps(phase: Phase, params, model, mesh, config: TrainConfig) -> trai
     bn_mode = ("trains (batch statistics)" if config.model == "simple_cnn" else
                "of the backbone in inference mode (running averages, never updated)")
     extra = ", features cached (one backbone pass)" if phase.cached_features else ""
-    if phase.head_learning_rate is not None:
-        extra += f" (head {phase.head_learning_rate:g})"
     extra += ", augmentation on" if phase.augment else ", augmentation off"
     counts = optim.count_by_label(params, labels)
     log.info("%s", train.describe_phase(phase.name, counts, phase.trainable_from, bn_mode,
-                                        phase.learning_rate, extra))  # fmt: skip
+                                        phase.learning_rate, extra,
+                                        phase.head_learning_rate))  # fmt: skip
     return steps
 
 

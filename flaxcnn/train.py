@@ -315,13 +315,20 @@ def feature_batches(
 
 
 def describe_phase(
-    name: str, counts: Mapping[str, int], trainable_from: str, bn_mode: str, lr: float, extra: str
+    name: str,
+    counts: Mapping[str, int],
+    trainable_from: str,
+    bn_mode: str,
+    lr: float,
+    extra: str,
+    head_lr: float | None = None,
 ) -> str:
-    """The one line each phase starts with."""
+    """The one line each phase starts with (``head_lr``: the head's own rate, if it has one)."""
+    head = f" (head {head_lr:g})" if head_lr is not None else ""
     return (
         f"phase {name}: {counts[optim.TRAINABLE]:,} trainable / {counts[optim.FROZEN]:,} frozen "
         f"parameters; trainable from {trainable_from}; BatchNorm {bn_mode}; "
-        f"learning rate {lr:g}{extra}"
+        f"learning rate {lr:g}{head}{extra}"
     )
 
 

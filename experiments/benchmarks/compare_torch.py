@@ -195,12 +195,12 @@ def table(rows: list[dict], peak: float | None, copy: float | None) -> str:
     return "\n".join(lines)
 
 
-def _int_list(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
-
-
 def _str_list(text: str) -> list[str]:
     return [x for x in text.split(",") if x]
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(x) for x in _str_list(text)]
 
 
 def _side_process(argv: list[str], log: str | None, until: float | None) -> list[dict]:
@@ -265,11 +265,10 @@ def main() -> None:
              *([] if args.no_compile else [["--side", "torch", "--torch-modes", "compile"]]),
              *(["--side", "flaxcnn", "--conv-impls", impl]
                for impl in args.conv_impls if impl != "auto")]
-    base = [a for a in sys.argv if a != "--no-compile"]
-    for flag in ("--conv-impls", "--deadline", "--jsonl"):  # flags the parent handles
-        if flag in base:
-            i = base.index(flag)
-            del base[i : i + 2]
+    # The grid, spelled out for each side's subprocess (the parent's own flags stay here).
+    base = [sys.argv[0], "--batch-sizes", ",".join(map(str, args.batch_sizes)),
+            "--image-sizes", ",".join(map(str, args.image_sizes)),
+            "--steps", str(args.steps), "--warmup", str(args.warmup)]  # fmt: skip
     rows = []
     for side in sides:
         argv = [*base, *side, *(["--until", str(until)] if until else [])]
