@@ -138,6 +138,27 @@ def time_calls(
     return statistics.median(times), min(times)
 
 
+def time_back_to_back(
+    run: Callable[[], Any], steps: int, wait: Callable[[Any], Any] | None = None
+) -> float:
+    """Milliseconds per call of ``steps`` calls issued back to back, waited for once at the end.
+
+    This is a training loop's steady state: the host dispatches the next step while the device
+    runs the current one, so per-call dispatch and synchronisation overlap with device work
+    (``time_calls`` waits for each call and so adds them to every step).
+    """
+    if wait is None:
+        import jax
+
+        wait = jax.block_until_ready
+    wait(run())
+    start = time.perf_counter()
+    for _ in range(steps):
+        result = run()
+    wait(result)
+    return (time.perf_counter() - start) * 1e3 / steps
+
+
 @dataclasses.dataclass(frozen=True)
 class Step:
     """A compiled product step bound to its inputs: ``run()`` executes one step."""

@@ -80,11 +80,13 @@ def run_flaxcnn(batch_sizes, image_sizes, warmup, steps, conv_impls, until=None)
                 step = bench.build_step("full", b, s, conv_impl=impl, dtype="bfloat16",
                                         batch_on_device=True)  # fmt: skip
                 median, best = bench.time_calls(step.run, warmup, steps)
+                back_to_back = bench.time_back_to_back(step.run, steps)
                 cost = step.compiled.cost_analysis()
                 cost = cost[0] if isinstance(cost, list) else cost
                 print(json.dumps({
                     "side": side, "batch": b, "size": s, "ms": median, "ms_min": best,
-                    "compile_s": step.compile_s, "bytes": cost.get("bytes accessed"),
+                    "ms_back_to_back": back_to_back, "compile_s": step.compile_s,
+                    "bytes": cost.get("bytes accessed"),
                     "flops": cost.get("flops"), "conv_impl": resolve_conv_impl(impl),
                     "device": device.device_kind, "backend": jax.default_backend(),
                     "version": f"jax {jax.__version__}"}), flush=True)
@@ -145,7 +147,7 @@ def run_torch(batch_sizes, image_sizes, warmup, steps, modes, until=None) -> Non
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     torch.backends.cudnn.benchmark = True
     version = f"torch {torch.__version__}, torchvision {torchvision.__version__}"
-    if cuda and "eager" in modes:
+    if cuda:  # each torch subprocess measures it (a second or two)
         print(json.dumps({"side": "copy", "gbps": copy_gbps(torch, device)}), flush=True)
     for mode in modes:
         side = "torch.compile" if mode == "compile" else "torch eager"
@@ -159,8 +161,10 @@ def run_torch(batch_sizes, image_sizes, warmup, steps, modes, until=None) -> Non
                 sync()
                 compile_s = time.perf_counter() - start
                 median, best = bench.time_calls(step, warmup, steps, wait=lambda _: sync())
+                back_to_back = bench.time_back_to_back(step, steps, wait=lambda _: sync())
                 print(json.dumps({"side": side, "batch": b, "size": s, "ms": median,
-                                  "ms_min": best, "compile_s": compile_s, "device": name,
+                                  "ms_min": best, "ms_back_to_back": back_to_back,
+                                  "compile_s": compile_s, "device": name,
                                   "backend": device.type, "version": version}), flush=True)
 
 
@@ -168,27 +172,36 @@ def _percent(value: float, ceiling: float | None) -> str:
     return f"{100 * value / ceiling:.0f}" if ceiling else "-"
 
 
-def table(rows: list[dict], peak: float | None, copy: float | None) -> str:
-    """Markdown: img/s per row, flaxcnn's speed-up over it, achieved bandwidth.
+def _ms(row: dict, key: str) -> float:
+    return row.get(key, float("nan"))  # rows logged before a column existed lack it
 
-    The speed-up is against flaxcnn's default (``conv_impl='auto'``) at the same shape. The
-    bandwidth divides XLA's byte count (the row's own for flaxcnn rows, the default flaxcnn
-    row's for torch) by the row's step time.
+
+def table(rows: list[dict], peak: float | None, copy: float | None) -> str:
+    """Markdown: each row's step time, flaxcnn's speed-up over it, achieved bandwidth.
+
+    Step times are given two ways: ``synced`` waits for every step (median, minimum in
+    brackets); ``back-to-back`` issues the steps without waiting, as a training loop does.
+    The speed-ups are against flaxcnn's default (``conv_impl='auto'``) at the same shape and
+    timing. The bandwidth divides XLA's byte count (the row's own for flaxcnn rows, the
+    default flaxcnn row's for torch) by the row's back-to-back step time.
     """
     timed = [r for r in rows if "ms" in r]
     flax = {(r["batch"], r["size"]): r for r in timed if r["side"] == "flaxcnn"}
-    lines = ["| side | batch | size | img/s | ms/step (min) | compile s | flaxcnn speed-up |"
-             " GB/s (XLA bytes) | % of peak | % of copy |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = ["| side | batch | size | img/s | ms/step synced (min) | ms/step back-to-back |"
+             " compile s | flaxcnn speed-up synced | back-to-back | GB/s (XLA bytes) |"
+             " % of peak | % of copy |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for r in timed:
         ref = flax.get((r["batch"], r["size"]))
         nbytes = r.get("bytes") or (ref or {}).get("bytes")
-        gbps = nbytes / r["ms"] / 1e6 if nbytes else float("nan")
-        ratio = f"{r['ms'] / ref['ms']:.2f}x" if ref else "-"
+        ms = _ms(r, "ms_back_to_back")
+        gbps = nbytes / ms / 1e6 if nbytes else float("nan")
+        ratios = [f"{_ms(r, key) / _ms(ref, key):.2f}x" if ref else "-"
+                  for key in ("ms", "ms_back_to_back")]  # fmt: skip
         lines.append(f"| {r['side']} | {r['batch']} | {r['size']} | "
-                     f"{r['batch'] / r['ms'] * 1e3:.0f} | {r['ms']:.2f} ({r['ms_min']:.2f}) | "
-                     f"{r['compile_s']:.1f} | {ratio} | {gbps:.0f} | {_percent(gbps, peak)} | "
-                     f"{_percent(gbps, copy)} |")  # fmt: skip
+                     f"{r['batch'] / ms * 1e3:.0f} | {r['ms']:.2f} ({r['ms_min']:.2f}) | "
+                     f"{ms:.2f} | {r['compile_s']:.1f} | {ratios[0]} | {ratios[1]} | "
+                     f"{gbps:.0f} | {_percent(gbps, peak)} | {_percent(gbps, copy)} |")  # fmt: skip
     skipped = [f"{r['side']} {r['batch']}x{r['size']}" for r in rows if "skipped" in r]
     if skipped:
         lines.append(f"\nNot run (past --deadline): {', '.join(skipped)}")
@@ -239,7 +252,6 @@ def main() -> None:
     parser.add_argument("--conv-impls", type=_str_list, default=["auto", "unrolled"],
                         help="flaxcnn rows: 'auto' (the default, the baseline of the ratios) "
                              "and any other formulation to compare")  # fmt: skip
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     parser.add_argument("--peak-gbps", type=float, help="the card's peak HBM bandwidth")
     parser.add_argument("--deadline", type=float,
                         help="seconds: rows not started by then are skipped (and listed)")
@@ -247,7 +259,7 @@ def main() -> None:
     parser.add_argument("--side", choices=("both", "flaxcnn", "torch"), default="both",
                         help=argparse.SUPPRESS)  # the subprocesses
     parser.add_argument("--torch-modes", type=_str_list, default=["eager", "compile"],
-                        help=argparse.SUPPRESS)
+                        help="torch rows: 'eager' and/or 'compile' (torch.compile)")
     parser.add_argument("--until", type=float, help=argparse.SUPPRESS)  # absolute deadline
     args = parser.parse_args()
     grid = (args.batch_sizes, args.image_sizes, args.warmup, args.steps)
@@ -261,8 +273,8 @@ def main() -> None:
     # The product's default first, then the rows it is compared with, then flaxcnn's other
     # formulations: a deadline cuts the least important rows.
     sides = [["--side", "flaxcnn", "--conv-impls", "auto"],
-             ["--side", "torch", "--torch-modes", "eager"],
-             *([] if args.no_compile else [["--side", "torch", "--torch-modes", "compile"]]),
+             *(["--side", "torch", "--torch-modes", mode]
+               for mode in ("eager", "compile") if mode in args.torch_modes),
              *(["--side", "flaxcnn", "--conv-impls", impl]
                for impl in args.conv_impls if impl != "auto")]
     # The grid, spelled out for each side's subprocess (the parent's own flags stay here).
