@@ -104,3 +104,34 @@ def test_bfloat16_step_computes_in_bfloat16_on_a_placed_batch():
     first, second = step.run(), step.run()  # the placed batch is reused
     for sums in (first, second):
         assert float(sums["count"]) == 2 and np.isfinite(float(sums["loss_sum"]))
+
+
+def test_back_to_back_timing_waits_once_after_all_calls():
+    events = []
+    run = lambda: events.append("run") or len(events)
+    per_call = bench.time_back_to_back(run, 5, wait=lambda r: events.append(("wait", r)))
+    # One warm-up call waited for, then five calls and a single wait on the last result.
+    assert events == ["run", ("wait", 1), *["run"] * 5, ("wait", 7)]
+    assert per_call > 0
+
+
+def test_compare_torch_table_gives_both_speed_ups_against_the_default_row():
+    sys.path.insert(0, "experiments/benchmarks")
+    try:
+        import compare_torch
+    finally:
+        sys.path.remove("experiments/benchmarks")
+    common = {"batch": 256, "size": 224, "compile_s": 1.0}
+    rows = [
+        {"side": "flaxcnn", "ms": 20.0, "ms_min": 19.0, "ms_back_to_back": 16.0,
+         "bytes": 16e9, **common},
+        {"side": "torch.compile", "ms": 22.0, "ms_min": 21.0, "ms_back_to_back": 20.0, **common},
+        {"side": "torch eager", "ms": 40.0, "ms_min": 39.0, **common},  # an older row: no column
+        {"side": "torch.compile", "batch": 128, "size": 160, "skipped": "deadline"},
+    ]  # fmt: skip
+    lines = compare_torch.table(rows, peak=4000.0, copy=2000.0).splitlines()
+    torch_rows = [line for line in lines if line.startswith("| torch")]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in torch_rows]
+    assert cells[0][7:12] == ["1.10x", "1.25x", "800", "20", "40"]  # synced, back-to-back, GB/s
+    assert cells[1][3:12] == ["-", "40.00 (39.00)", "-", "1.0", "2.00x", "-", "-", "-", "-"]
+    assert lines[-1] == "Not run (past --deadline): torch.compile 128x160"

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -169,11 +170,15 @@ def run_torch(batch_sizes, image_sizes, warmup, steps, modes, until=None) -> Non
 
 
 def _percent(value: float, ceiling: float | None) -> str:
-    return f"{100 * value / ceiling:.0f}" if ceiling else "-"
+    return _num(100 * value / ceiling, ".0f") if ceiling else "-"
 
 
 def _ms(row: dict, key: str) -> float:
     return row.get(key, float("nan"))  # rows logged before a column existed lack it
+
+
+def _num(value: float, fmt: str, suffix: str = "") -> str:
+    return "-" if math.isnan(value) else f"{value:{fmt}}{suffix}"
 
 
 def table(rows: list[dict], peak: float | None, copy: float | None) -> str:
@@ -196,12 +201,13 @@ def table(rows: list[dict], peak: float | None, copy: float | None) -> str:
         nbytes = r.get("bytes") or (ref or {}).get("bytes")
         ms = _ms(r, "ms_back_to_back")
         gbps = nbytes / ms / 1e6 if nbytes else float("nan")
-        ratios = [f"{_ms(r, key) / _ms(ref, key):.2f}x" if ref else "-"
+        ratios = [_num(_ms(r, key) / _ms(ref, key), ".2f", "x") if ref else "-"
                   for key in ("ms", "ms_back_to_back")]  # fmt: skip
-        lines.append(f"| {r['side']} | {r['batch']} | {r['size']} | "
-                     f"{r['batch'] / ms * 1e3:.0f} | {r['ms']:.2f} ({r['ms_min']:.2f}) | "
-                     f"{ms:.2f} | {r['compile_s']:.1f} | {ratios[0]} | {ratios[1]} | "
-                     f"{gbps:.0f} | {_percent(gbps, peak)} | {_percent(gbps, copy)} |")  # fmt: skip
+        cells = [r["side"], r["batch"], r["size"], _num(r["batch"] / ms * 1e3, ".0f"),
+                 f"{r['ms']:.2f} ({r['ms_min']:.2f})", _num(ms, ".2f"), f"{r['compile_s']:.1f}",
+                 *ratios, _num(gbps, ".0f"), _percent(gbps, peak),
+                 _percent(gbps, copy)]  # fmt: skip
+        lines.append(f"| {' | '.join(map(str, cells))} |")
     skipped = [f"{r['side']} {r['batch']}x{r['size']}" for r in rows if "skipped" in r]
     if skipped:
         lines.append(f"\nNot run (past --deadline): {', '.join(skipped)}")
