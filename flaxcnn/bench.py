@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import ctypes
 import dataclasses
 import os
 import platform
@@ -59,31 +58,6 @@ class Result:
     @property
     def images_per_s(self) -> float:
         return self.batch_size / self.ms_median * 1e3
-
-
-def tune_glibc_malloc() -> bool:
-    """Makes glibc keep XLA:CPU's per-execution scratch memory mapped between steps.
-
-    XLA:CPU allocates an execution's temporaries (160 MB for MobileNetV2 inference at batch
-    32, 160x160) with ``posix_memalign`` from a worker thread. glibc serves such sizes from
-    a thread arena only through a fresh ``mmap`` and unmaps them on ``free``, so every step
-    page-faults its whole scratch space in again (~40k faults, ~15% of an inference step on
-    a 2-core CPU). One arena, no mmap for large blocks and no trimming let the memory be
-    reused. Call it before JAX starts its threads (before the first computation); it is
-    process-wide, so it belongs in entry points, not in the library.
-
-    Returns:
-      Whether the settings were applied (glibc only).
-    """
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8  # <malloc.h>
-    settings = ((m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, 2**31 - 1))
-    return all(mallopt(option, value) == 1 for option, value in settings)
 
 
 def cpu_model() -> str:
@@ -405,6 +379,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> list[Result]:
     args = parse_args(argv)
+    from flaxcnn.cli import tune_glibc_malloc
+
     tuned = False if args.no_malloc_tuning else tune_glibc_malloc()  # before JAX's threads
     for line in describe_machine(args.conv_impl, tuned):
         print(line, flush=True)

@@ -5,6 +5,8 @@ Transfer recipe (``model='mobilenet_v2'``), after the TensorFlow transfer-learni
      for this phase (``feature_cache='auto'``: always, see README), the backbone runs once
      over the data and the head trains on cached pooled features.
   2. ``finetune``: the backbone from ``fine_tune_at`` on trains too, at a low learning rate.
+     Validation runs from the first trainable block on activations of the frozen ones,
+     computed once (``_validation_cache``).
 The backbone's BatchNorm stays in inference mode throughout (``TransferClassifier``).
 ``model='simple_cnn'`` is one phase, ``train``, with everything trainable.
 
@@ -32,10 +34,12 @@ from tqdm.auto import tqdm
 
 from flaxcnn import checkpoints, data, metrics, optim, pretrained, sharding, train
 from flaxcnn.config import ConfigError, TrainConfig
-from flaxcnn.models import build_model
+from flaxcnn.models import NUM_STAGES, build_model, keras_layer_names, stage_of_layer
 
 log = logging.getLogger(__name__)
 FORMAT = "flaxcnn/1"
+# Host memory the validation split's frozen-stage activations may take (feature_cache='auto').
+EVAL_CACHE_MAX_BYTES = 2 * 2**30
 PLOT_EVERY_SECONDS = 30  # curves.png is redrawn at most this often within a phase
 
 
@@ -181,6 +185,10 @@ class _PhaseData:
     common: dict
     shard: dict
     mesh: jax.sharding.Mesh
+    # Validation activations entering the first stage that trains, and the step that
+    # evaluates from there (see ``_validation_cache``).
+    eval_cache: dict[str, np.ndarray] | None = None
+    eval_step: Any = None
 
     @classmethod
     def build(cls, phase: Phase, dataset, model, state, mesh, config, common, shard) -> _PhaseData:
@@ -192,7 +200,12 @@ class _PhaseData:
                 for split in ("train", "validation")}  # fmt: skip
             log.info("cached %d + %d feature vectors in %.1f s", len(cache["train"]["label"]),
                      len(cache["validation"]["label"]), time.time() - t0)  # fmt: skip
-        source = cls(dataset, cache, phase.augment, config, common, shard, mesh)
+        eval_cache, eval_step = None, None
+        if cache is None:
+            eval_cache, eval_step = _validation_cache(phase, dataset, model, state, mesh, config,
+                                                      common, shard)  # fmt: skip
+        source = cls(dataset, cache, phase.augment, config, common, shard, mesh, eval_cache,
+                     eval_step)  # fmt: skip
         if source.n_batches == 0:
             raise data.DataError(f"the train split has fewer examples than --batch-size "
                                  f"{config.batch_size}; lower --batch-size")  # fmt: skip
@@ -205,11 +218,16 @@ class _PhaseData:
         return data.num_batches(self.dataset, "train", self.config.batch_size,
                                 drop_remainder=True)  # fmt: skip
 
-    def validation(self):
-        if self.cache is not None:
-            return train.feature_batches(self.cache["validation"], self.config.batch_size,
-                                         seed=None, **self.shard)  # fmt: skip
-        return data.eval_batches(self.dataset, "validation", **self.common, **self.shard)
+    def evaluate(self, steps: train.StepFns, variables) -> dict[str, float]:
+        """Validation metrics, from whichever cache the phase holds."""
+        cached = self.cache["validation"] if self.cache is not None else self.eval_cache
+        if cached is None:
+            batches = data.eval_batches(self.dataset, "validation", **self.common, **self.shard)
+            return train.evaluate(steps, variables, batches, self.mesh)
+        if self.eval_cache is not None:
+            steps = dataclasses.replace(steps, evaluate=self.eval_step)
+        batches = train.feature_batches(cached, self.config.batch_size, seed=None, **self.shard)
+        return train.evaluate(steps, variables, batches, self.mesh)
 
     def run_epoch(self, steps, state, epoch: int, start_batch: int, partial, progress):
         """Trains one epoch from ``start_batch`` on (``partial``: the sums before it)."""
@@ -231,6 +249,44 @@ class _PhaseData:
         if sums is None:  # resumed after the epoch's last batch (older checkpoints)
             sums = _as_sums(partial)
         return state, sums
+
+
+def _validation_cache(phase: Phase, dataset, model, state, mesh, config, common, shard):
+    """The validation split's activations entering the first stage that trains, computed once.
+
+    The stages below it are frozen, with BatchNorm on running averages, and validation images
+    are never augmented, so their output on the validation split cannot change during the
+    phase; each epoch's evaluation then runs only the stages that train (results equal up to
+    float rounding). With MobileNetV2 fine-tuned from layer 100, that halves the cost of an
+    epoch's evaluation on a CPU. Off with ``feature_cache='off'``; with ``'auto'`` only when
+    the activations fit ``EVAL_CACHE_MAX_BYTES``. Returns ``(cache, eval_step)`` or Nones.
+    """
+    if config.model == "simple_cnn" or config.feature_cache == "off":
+        return None, None
+    first = phase.trainable_from.removeprefix("backbone/")
+    stage = NUM_STAGES if first == "head" else stage_of_layer(first)
+    if stage == 0:
+        return None, None
+    image = jnp.zeros((1, config.image_size, config.image_size, 3))
+    shape = jax.eval_shape(functools.partial(model.apply, method=model.features, stop=stage),
+                           state.variables, image).shape[1:]  # fmt: skip
+    n = dataset.split_sizes["validation"]
+    nbytes = n * int(np.prod(shape)) * 4
+    if config.feature_cache == "auto" and nbytes > EVAL_CACHE_MAX_BYTES:
+        log.info("validation activations at %s would take %.1f GB: evaluating from the images",
+                 first, nbytes / 1e9)  # fmt: skip
+        return None, None
+    t0 = time.time()
+    cache = train.extract_features(
+        model, state.variables, data.eval_batches(dataset, "validation", **common, **shard),
+        mesh, stop=stage)  # fmt: skip
+    entry = "the head" if stage == NUM_STAGES else next(
+        n for n in keras_layer_names(config.alpha) if n != "input_1" and stage_of_layer(n) == stage)
+    log.info("cached the validation activations entering %s (%d x %s, %.0f MB) in %.1f s; "
+             "evaluation runs from there (training starts at %s)", entry, n,
+             "x".join(map(str, shape)), nbytes / 1e6, time.time() - t0, first)  # fmt: skip
+    from_stage = lambda v, x, **kw: model.apply(v, x, start=stage, **kw)
+    return cache, train.make_eval_step(from_stage, mesh, input_key="features")
 
 
 class _Bookkeeping:
@@ -421,7 +477,7 @@ def _fit(config: TrainConfig, workdir, resume: bool, stores: list) -> FitResult:
                         "batch": progress.done, "phase_complete": False})  # fmt: skip
                 train_metrics = metrics.finalize(sums)
                 metrics.check_finite(train_metrics["loss"], int(state.step), epoch)
-                val = train.evaluate(steps, state.variables, source.validation(), mesh)
+                val = source.evaluate(steps, state.variables)
                 improved = val["accuracy"] >= book.best_accuracy  # ties: the later, more trained
                 stale = 0 if improved else stale + 1
                 last = epoch_in_phase + 1 == phase.epochs or bool(

@@ -130,6 +130,15 @@ def eval_step(variables: Mapping[str, Any], batch: Mapping[str, jax.Array], *, a
     return metrics.classification_sums(logits, batch["label"], batch.get("mask"))
 
 
+def make_eval_step(apply_fn: Callable, mesh: jax.sharding.Mesh, *, input_key: str = "image"):
+    """Jits ``eval_step`` with the mesh's shardings (batch split, variables replicated)."""
+    return jax.jit(
+        functools.partial(eval_step, apply_fn=apply_fn, input_key=input_key),
+        in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
+        out_shardings=sharding.replicated(mesh),
+    )
+
+
 def make_steps(
     apply_fn: Callable,
     frozen: Any,
@@ -154,11 +163,7 @@ def make_steps(
         out_shardings=(replicated, replicated),
         donate_argnums=0,
     )
-    evaluate = jax.jit(
-        functools.partial(eval_step, apply_fn=apply_fn, input_key=input_key),
-        in_shardings=(replicated, batch),
-        out_shardings=replicated,
-    )
+    evaluate = make_eval_step(apply_fn, mesh, input_key=input_key)
 
     def scanned(state, batches, sums):
         def body(carry, one_batch):
@@ -252,18 +257,25 @@ def evaluate(
 
 
 def extract_features(
-    model: nn.Module, variables: Mapping[str, Any], batches, mesh: jax.sharding.Mesh
+    model: nn.Module,
+    variables: Mapping[str, Any],
+    batches,
+    mesh: jax.sharding.Mesh,
+    *,
+    stop: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Runs the frozen backbone once over a split: ``{'features', 'label'}`` of real examples.
 
     The cached features make the feature-extraction phase cost one forward pass in total
-    instead of one per epoch.
+    instead of one per epoch. With ``stop=k`` the features are the activations entering
+    backbone stage ``k`` (fine-tuning evaluates from there: ``model.apply(v, x, start=k)``).
     """
+    stages = {} if stop is None else {"stop": stop}
 
     # Labels and mask travel with the images: with several processes each one feeds its own
     # share of a batch, and every process gets the whole (global) cache back.
     def features_of(v, batch):
-        x = model.apply(v, batch["image"], train=False, method=model.features)
+        x = model.apply(v, batch["image"], train=False, method=model.features, **stages)
         return x, batch["label"], batch["mask"]
 
     fn = jax.jit(

@@ -9,7 +9,13 @@ import pytest
 from keras_reference import keras_mobilenet_v2, save_legacy_h5
 
 from flaxcnn import pretrained
-from flaxcnn.models import MobileNetV2, keras_layer_names, random_variables
+from flaxcnn.models import (
+    NUM_STAGES,
+    MobileNetV2,
+    keras_layer_names,
+    random_variables,
+    stage_of_layer,
+)
 from flaxcnn.weights import WeightsError, read_keras_h5
 
 
@@ -107,6 +113,30 @@ def test_train_mode_updates_batch_stats_and_eval_mode_does_not():
     assert all(jax.tree.leaves(moved))
     eval_out = apply(variables, x, train=False)
     assert not np.allclose(train_out, eval_out)
+
+
+def test_stages_compose_to_the_whole_network():
+    """Cutting at any stage and continuing from its activation gives the same logits."""
+    model = MobileNetV2(alpha=0.35, include_top=True, num_classes=5, conv_impl="lax")
+    x = jax.random.uniform(jax.random.PRNGKey(2), (2, 48, 40, 3), minval=-1, maxval=1)
+    variables = random_variables(model, x.shape)
+    apply = jax.jit(model.apply, static_argnames=("start", "stop"))
+    whole = apply(variables, x)
+    for stage in (0, 1, 12, NUM_STAGES - 1, NUM_STAGES):  # ends, first block, a middle one
+        middle = apply(variables, x, stop=stage)
+        np.testing.assert_allclose(apply(variables, middle, start=stage), whole, atol=1e-6)
+    assert apply(variables, x, stop=12).shape == (2, 3, 3, 32)  # entering block 11: 1/16 scale
+    with pytest.raises(ValueError, match=r"stages \[5, 3\)"):
+        model.apply(variables, x, start=5, stop=3)
+
+
+def test_every_keras_layer_has_a_stage_in_network_order():
+    names = keras_layer_names(1.0, include_top=True)
+    stages = [stage_of_layer(n) for n in names]
+    assert stages == sorted(stages) and set(stages) == set(range(NUM_STAGES))
+    assert stage_of_layer("block_11_depthwise") == 12
+    with pytest.raises(ValueError, match="not a MobileNetV2 layer"):
+        stage_of_layer("head")
 
 
 def test_small_input_is_rejected():

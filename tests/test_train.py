@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from flaxcnn import checkpoints, optim, sharding, train
+from flaxcnn import checkpoints, data, optim, sharding, train
 from flaxcnn.config import TrainConfig
 from flaxcnn.models import build_model, random_variables
 from flaxcnn.run import fit
@@ -164,12 +164,28 @@ def _comparable(history):
     return [{k: v for k, v in h.items() if k not in timing} for h in history]
 
 
-def test_resume_from_mid_run_checkpoint_reaches_identical_results(tiny_cats_vs_dogs, tmp_path):
-    """Head phase on cached features, then fine-tuning on images; resume mid head phase."""
+def test_resume_from_mid_run_checkpoint_reaches_identical_results(
+    tiny_cats_vs_dogs, tmp_path, caplog
+):
+    """Head phase on cached features, then fine-tuning on images; resume mid head phase.
+
+    Fine-tuning evaluates from cached activations of its frozen stages: its metrics must
+    equal a full evaluation of the same weights on the images."""
     config = _tiny_config(tiny_cats_vs_dogs)
-    full = fit(config, tmp_path / "full")
+    with caplog.at_level("INFO", logger="flaxcnn.run"):
+        full = fit(config, tmp_path / "full")
     assert [h["phase"] for h in full.summary["epochs"]] == ["head", "head", "finetune"]
     assert [h["epoch"] for h in full.summary["epochs"]] == [1, 2, 3]
+    assert "cached the validation activations entering block_15_expand" in caplog.text
+    mesh = sharding.make_mesh()
+    steps = train.make_steps(full.model.apply, None, mesh, update_batch_stats=False)
+    dataset = data.open_dataset(str(tiny_cats_vs_dogs), download=False)
+    batches = data.eval_batches(dataset, "validation", batch_size=8, image_size=SIZE,
+                                preprocessing="tf")  # fmt: skip
+    on_images = train.evaluate(steps, full.state.variables, batches, mesh)
+    last = full.summary["epochs"][-1]
+    assert on_images["count"] == 16 and last["val_accuracy"] == on_images["accuracy"]
+    assert abs(last["val_loss"] - on_images["loss"]) < 1e-5
 
     # Keep only the checkpoint written after epoch 1, as if the run had died during epoch 2.
     resumed_dir = tmp_path / "resumed"
@@ -209,3 +225,4 @@ def test_checkpoint_interval_saves_phase_ends_and_keeps_the_best_epoch(tiny_cats
     if best_epoch < len(history):  # an earlier epoch's weights, not the final ones
         head = lambda v: np.asarray(v["params"]["head"]["kernel"])
         assert not np.array_equal(head(variables), head(result.state.variables))
+

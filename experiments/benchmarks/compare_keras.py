@@ -32,7 +32,7 @@ import time
 
 import numpy as np
 
-from flaxcnn import bench
+from flaxcnn import bench, cli
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads (lazily)
 
@@ -251,7 +251,7 @@ def parse_args(argv):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    tuned = False if args.no_malloc_tuning else bench.tune_glibc_malloc()
+    tuned = False if args.no_malloc_tuning else cli.tune_glibc_malloc()
     if not os.path.exists(args.weights):
         sys.exit(f"no weights file {args.weights}: pass --weights or set FLAXCNN_WEIGHTS")
     for line in bench.describe_machine(args.conv_impl, tuned):

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from flaxcnn import bench
+from flaxcnn import bench, cli
 from flaxcnn.models import layers
 
 
@@ -92,7 +92,7 @@ def main(argv=None) -> None:
     parser.add_argument("--skip-lax-grad", action="store_true")
     parser.add_argument("--no-malloc-tuning", action="store_true")
     args = parser.parse_args(argv)
-    tuned = False if args.no_malloc_tuning else bench.tune_glibc_malloc()
+    tuned = False if args.no_malloc_tuning else cli.tune_glibc_malloc()
     for line in bench.describe_machine("auto", tuned):
         print(line)
     compiled = cases(args.skip_lax_grad)

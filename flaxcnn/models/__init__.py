@@ -22,7 +22,13 @@ import numpy as np
 from flax import linen as nn
 
 from flaxcnn.models.layers import CONV_IMPLS, DepthwiseConv2D, PointwiseConv
-from flaxcnn.models.mobilenet_v2 import ALPHAS, MobileNetV2, keras_layer_names
+from flaxcnn.models.mobilenet_v2 import (
+    ALPHAS,
+    NUM_STAGES,
+    MobileNetV2,
+    keras_layer_names,
+    stage_of_layer,
+)
 from flaxcnn.models.simple_cnn import SimpleCNN
 from flaxcnn.models.transfer import TransferClassifier
 
@@ -93,6 +99,7 @@ __all__ = [
     "ALPHAS",
     "ARCHITECTURES",
     "CONV_IMPLS",
+    "NUM_STAGES",
     "DepthwiseConv2D",
     "MobileNetV2",
     "PointwiseConv",
@@ -101,4 +108,5 @@ __all__ = [
     "build_model",
     "keras_layer_names",
     "random_variables",
+    "stage_of_layer",
 ]

@@ -98,6 +98,26 @@ def last_conv_channels(alpha: float) -> int:
     return make_divisible(1280 * alpha, 8) if alpha > 1.0 else 1280
 
 
+NUM_STAGES = len(BLOCKS) + 2  # the stem, the 17 blocks, the top (``Conv_1`` and after)
+
+
+def stage_of_layer(name: str) -> int:
+    """The stage a Keras layer name belongs to: 0 the stem, ``i + 1`` block ``i``, 18 the top.
+
+    Stages are where the network can be cut: ``MobileNetV2(...)(x, stop=k)`` returns the input
+    of stage ``k`` and ``(..., start=k)`` continues from it.
+    """
+    if name.startswith("expanded_conv_"):
+        return 1
+    if name.startswith("block_"):
+        return int(name.split("_")[1]) + 1
+    if name in ("input_1", "Conv1", "bn_Conv1", "Conv1_relu"):
+        return 0
+    if name in ("Conv_1", "Conv_1_bn", "out_relu", "global_average_pooling2d", "predictions"):
+        return NUM_STAGES - 1
+    raise ValueError(f"{name!r} is not a MobileNetV2 layer name")
+
+
 def keras_layer_names(alpha: float = 1.0, include_top: bool = False) -> tuple[str, ...]:
     """Names of ``keras.applications.MobileNetV2(...).layers`` in order, weightless ones included.
 
@@ -160,21 +180,29 @@ class MobileNetV2(nn.Module):
         return conv(x, multiplier, offset)
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        """Runs the network.
+    def __call__(
+        self, x: jax.Array, train: bool = False, *, start: int = 0, stop: int = NUM_STAGES
+    ) -> jax.Array:
+        """Runs the network, or the stages ``[start, stop)`` of it (see :func:`stage_of_layer`).
 
         Args:
-          x: images ``[N, H, W, 3]`` scaled to [-1, 1]; ``H, W >= 32``.
+          x: images ``[N, H, W, 3]`` scaled to [-1, 1], ``H, W >= 32`` (with ``start > 0``:
+            the activation that stage ``start`` takes, as ``stop=start`` returns it).
           train: BatchNorm uses batch statistics and updates ``batch_stats`` (pass
             ``mutable=['batch_stats']``); otherwise it uses the running averages.
+          start: first stage to run. Fine-tuning evaluates from the first stage that trains,
+            on activations of the frozen stages computed once.
+          stop: stage to stop before; ``< NUM_STAGES`` returns that stage's input.
 
         Returns:
           Logits ``[N, num_classes]`` with the top, else the feature map ``[N, h, w, C]`` or,
-          with pooling, features ``[N, C]``.
+          with pooling, features ``[N, C]``; with ``stop < NUM_STAGES`` the activation.
         """
-        if x.ndim != 4 or x.shape[-1] != 3:
+        if not 0 <= start <= stop <= NUM_STAGES:
+            raise ValueError(f"stages [{start}, {stop}) are not within [0, {NUM_STAGES}]")
+        if start == 0 and (x.ndim != 4 or x.shape[-1] != 3):
             raise ValueError(f"MobileNetV2 expects NHWC images with 3 channels, got {x.shape}")
-        if min(x.shape[1:3]) < MIN_INPUT_SIZE:
+        if start == 0 and min(x.shape[1:3]) < MIN_INPUT_SIZE:
             raise ValueError(
                 f"MobileNetV2 needs inputs of at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE}, "
                 f"got {x.shape[1]}x{x.shape[2]}"
@@ -183,19 +211,23 @@ class MobileNetV2(nn.Module):
             raise ValueError(f"pooling={self.pooling!r}; expected None, 'avg' or 'max'")
         relu6 = lambda y: jnp.minimum(nn.relu(y), 6.0)
         pointwise = functools.partial(PointwiseConv, conv_impl=self.conv_impl, dtype=self.dtype)
+        runs = lambda stage: start <= stage < stop
 
-        stem = Conv2D(
-            make_divisible(32 * self.alpha, 8),
-            (3, 3),
-            strides=(2, 2),
-            padding="SAME",
-            conv_impl=self.conv_impl,
-            dtype=self.dtype,
-            name="Conv1",
-        )
-        x = relu6(self._conv_bn(stem, "bn_Conv1", x, train))
+        if runs(0):
+            stem = Conv2D(
+                make_divisible(32 * self.alpha, 8),
+                (3, 3),
+                strides=(2, 2),
+                padding="SAME",
+                conv_impl=self.conv_impl,
+                dtype=self.dtype,
+                name="Conv1",
+            )
+            x = relu6(self._conv_bn(stem, "bn_Conv1", x, train))
 
         for spec in block_specs(self.alpha):
+            if not runs(spec.block_id + 1):
+                continue
             p = spec.prefix
             inputs = x
             if spec.expanded_channels is not None:
@@ -215,6 +247,8 @@ class MobileNetV2(nn.Module):
             if spec.has_residual:
                 x = inputs + x
 
+        if not runs(NUM_STAGES - 1):
+            return x
         top_conv = pointwise(last_conv_channels(self.alpha), name="Conv_1")
         x = relu6(self._conv_bn(top_conv, "Conv_1_bn", x, train))
 

@@ -42,13 +42,18 @@ class TransferClassifier(nn.Module):
         self.dropout = nn.Dropout(self.dropout_rate)
         self.head = nn.Dense(self.num_classes, dtype=self.dtype)
 
-    def features(self, x: jax.Array, train: bool = False) -> jax.Array:
-        """Backbone features ``[N, C]``; what the feature cache stores."""
-        return self.backbone(x, train=train and not self.freeze_backbone_batch_norm)
+    def features(self, x: jax.Array, train: bool = False, **stages: int) -> jax.Array:
+        """Backbone features ``[N, C]``; what the feature cache stores.
+
+        ``stages`` (``start``/``stop``) run part of a backbone that can be cut into stages
+        (``MobileNetV2``): ``stop=k`` gives the activation that ``start=k`` continues from.
+        """
+        return self.backbone(x, train=train and not self.freeze_backbone_batch_norm, **stages)
 
     def classify_features(self, features: jax.Array, train: bool = False) -> jax.Array:
         """Head logits from backbone features."""
         return self.head(self.dropout(features, deterministic=not train))
 
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        return self.classify_features(self.features(x, train), train)
+    def __call__(self, x: jax.Array, train: bool = False, **stages: int) -> jax.Array:
+        """Logits from images (or, with ``start=k``, from the activation entering stage ``k``)."""
+        return self.classify_features(self.features(x, train, **stages), train)
