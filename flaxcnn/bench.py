@@ -90,6 +90,12 @@ def describe_machine(conv_impl: str, malloc_tuned: bool) -> list[str]:
     ]
 
 
+def _block_until_ready(result: Any) -> Any:
+    import jax
+
+    return jax.block_until_ready(result)
+
+
 def time_calls(
     run: Callable[[], Any], warmup: int, steps: int, wait: Callable[[Any], Any] | None = None
 ) -> tuple[float, float]:
@@ -98,10 +104,7 @@ def time_calls(
     ``wait(result)`` blocks until a call's work is done (default ``jax.block_until_ready``;
     other frameworks pass their own, e.g. a CUDA synchronize).
     """
-    if wait is None:
-        import jax
-
-        wait = jax.block_until_ready
+    wait = wait or _block_until_ready
     for _ in range(warmup):
         wait(run())
     times = []
@@ -121,10 +124,7 @@ def time_back_to_back(
     runs the current one, so per-call dispatch and synchronisation overlap with device work
     (``time_calls`` waits for each call and so adds them to every step).
     """
-    if wait is None:
-        import jax
-
-        wait = jax.block_until_ready
+    wait = wait or _block_until_ready
     wait(run())
     start = time.perf_counter()
     for _ in range(steps):
