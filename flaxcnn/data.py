@@ -24,7 +24,20 @@ from typing import Any
 
 import numpy as np
 
-PREPROCESSING_MODES = ("tf", "unit")  # 'tf': [-1, 1] (MobileNetV2); 'unit': [0, 1]
+# Input modes by name: what a model's weights expect of RGB pixels x in [0, 255] (the
+# backbone contract names one; checkpoints record it). Keras's imagenet_utils names the first
+# three; "tf128" is the x / 128 - 1 that some Keras models apply inside (their Rescaling).
+PREPROCESSING_MODES = {
+    "tf": "x / 127.5 - 1: [-1, 1]",
+    "tf128": "x / 128 - 1: [-1, 1)",
+    "caffe": "RGB -> BGR, minus the ImageNet means (103.939, 116.779, 123.68)",
+    "torch": "x / 255, minus the ImageNet means (0.485, 0.456, 0.406), over their stds "
+    "(0.229, 0.224, 0.225)",
+    "unit": "x / 255: [0, 1]",
+}
+_IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+_IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+_CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68], np.float32)
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".webp")
 MIN_IMAGE_SIZE = 32
 DEFAULT_CACHE_LIMIT_BYTES = 2 * 1024**3
@@ -84,14 +97,23 @@ def _one_line(text: object, limit: int = 300) -> str:
 
 
 def _scale(images, mode: str):
-    """Maps float pixel values in [0, 255] to the model's input range (numpy or TF)."""
-    if mode not in PREPROCESSING_MODES:
-        raise DataError(f"unknown preprocessing {mode!r}: use one of {PREPROCESSING_MODES}")
-    return images / 127.5 - 1.0 if mode == "tf" else images / 255.0
+    """Maps float32 pixel values in [0, 255] to a model's input (numpy or TF, in float32 as
+    Keras's own preprocessing computes it)."""
+    if mode == "tf":
+        return images / 127.5 - 1.0
+    if mode == "tf128":
+        return images / 128.0 - 1.0
+    if mode == "caffe":
+        return images[..., ::-1] - _CAFFE_MEAN_BGR
+    if mode == "torch":
+        return (images / 255.0 - _IMAGENET_MEAN) / _IMAGENET_STD
+    if mode == "unit":
+        return images / 255.0
+    raise DataError(f"unknown preprocessing {mode!r}: use one of {', '.join(PREPROCESSING_MODES)}")
 
 
 def scale_images(images: np.ndarray, mode: str) -> np.ndarray:
-    """Scales uint8-range pixels as the pipeline does ('tf': [-1, 1], 'unit': [0, 1]).
+    """Preprocesses uint8-range RGB pixels as the pipeline does (see ``PREPROCESSING_MODES``).
 
     Args:
       images: pixel values in [0, 255], any shape, integer or float.

@@ -1,4 +1,10 @@
-"""Builds reference Keras MobileNetV2 models (tf_keras, TensorFlow backend) for parity tests."""
+"""Reference Keras models (tf_keras, TensorFlow backend) with random, non-trivial weights.
+
+Parity tests compare a flaxcnn port with Keras given the same weights. Keras's initial
+weights are too tame to catch a swapped or missing layer (BatchNorm at mean 0, variance 1,
+scale 1, offset 0 is the identity), so every weight is redrawn: norm statistics and scales
+around 1, offsets and means around 0, kernels scaled to keep activations of order 1.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,32 @@ import pathlib
 import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def randomize_weights(model, seed: int = 0):
+    """Redraws every float weight of a tf_keras ``model`` in place; returns the model.
+
+    Variances and scales (``moving_variance``, ``gamma``) are uniform in [0.5, 1.5]; means,
+    offsets and biases normal with std 0.1; kernels normal with std ``1/sqrt(fan_in)``
+    (variance-preserving, so the signal stays of order 1 through a hundred layers).
+    Weights of other kinds (e.g. a ``Normalization`` layer's statistics) are left alone.
+    """
+    rng = np.random.default_rng(seed)
+    values = []
+    for w in model.weights:
+        name, shape = w.name.rsplit("/", 1)[-1], tuple(w.shape)
+        if name.startswith(("moving_variance", "gamma")):
+            value = rng.uniform(0.5, 1.5, shape)
+        elif name.startswith(("moving_mean", "beta", "bias")):
+            value = rng.normal(0.0, 0.1, shape)
+        elif "kernel" in name:
+            fan_in = np.prod(shape[:2]) if name.startswith("depthwise") else np.prod(shape[:-1])
+            value = rng.normal(0.0, 1.0 / np.sqrt(fan_in), shape)
+        else:
+            value = w.numpy()
+        values.append(np.asarray(value, np.float32) if value.dtype.kind == "f" else value)
+    model.set_weights(values)
+    return model
 
 
 def keras_mobilenet_v2(alpha, input_shape, include_top, pooling=None, seed=0, weights=None):
@@ -28,20 +60,7 @@ def keras_mobilenet_v2(alpha, input_shape, include_top, pooling=None, seed=0, we
     if weights is not None:
         model.load_weights(str(weights))
         return model
-    rng = np.random.default_rng(seed)
-    randomized = []
-    for w in model.weights:
-        name = w.name
-        if "moving_variance" in name or "gamma" in name:
-            value = rng.uniform(0.5, 1.5, w.shape)
-        elif "moving_mean" in name or "beta" in name or "bias" in name:
-            value = rng.normal(0.0, 0.1, w.shape)
-        else:  # kernels: variance-preserving scale keeps activations of order 1 through 50 layers
-            fan_in = np.prod(w.shape[:-1]) if "depthwise" not in name else np.prod(w.shape[:2])
-            value = rng.normal(0.0, 1.0 / np.sqrt(fan_in), w.shape)
-        randomized.append(value.astype(np.float32))
-    model.set_weights(randomized)
-    return model
+    return randomize_weights(model, seed)
 
 
 def save_legacy_h5(model, path: pathlib.Path) -> pathlib.Path:

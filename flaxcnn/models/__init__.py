@@ -1,7 +1,10 @@
-"""Model definitions (pure ``flax.linen`` modules) and the one registry that builds them.
+"""Model definitions (pure ``flax.linen`` modules) and the one registry of backbones.
 
-A model is described by a JSON-able dict, its *model config*, which checkpoints store so that
-``flaxcnn.checkpoints.restore`` can rebuild the module with nothing else::
+Every pretrained family is a module under ``flaxcnn/models/`` that exports ``BACKBONES``, one
+:class:`~flaxcnn.models.backbone.Backbone` contract per variant; adding a family is one module
+plus one entry in ``FAMILIES`` below. A model is described by a JSON-able dict, its *model
+config*, which checkpoints store so that ``flaxcnn.checkpoints.restore`` can rebuild the
+module with nothing else::
 
     {"arch": "mobilenet_v2", "alpha": 1.0, "include_top": True, "num_classes": 1000, ...}
     {"arch": "simple_cnn", "num_classes": 10, "features": [16, 32], ...}
@@ -13,6 +16,7 @@ Run-time choices that do not change the variables (``dtype``, ``conv_impl``) are
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -21,18 +25,53 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from flaxcnn.models.layers import CONV_IMPLS, DepthwiseConv2D, PointwiseConv
-from flaxcnn.models.mobilenet_v2 import (
-    ALPHAS,
-    NUM_STAGES,
-    MobileNetV2,
-    keras_layer_names,
-    stage_of_layer,
-)
+from flaxcnn.models import mobilenet_v2
+from flaxcnn.models.backbone import Backbone, KerasLayer
+from flaxcnn.models.layers import CONV_IMPLS
 from flaxcnn.models.simple_cnn import SimpleCNN
 from flaxcnn.models.transfer import TransferClassifier
 
-ARCHITECTURES = ("mobilenet_v2", "simple_cnn", "transfer")
+FAMILIES = (mobilenet_v2,)
+BACKBONES: dict[str, Backbone] = {b.name: b for family in FAMILIES for b in family.BACKBONES}
+# Models trained from scratch by their own recipe (one phase, everything trainable).
+SCRATCH_MODELS = ("simple_cnn",)
+
+
+class UnknownModelError(ValueError):
+    """A model name that is not registered; the message lists the registered names."""
+
+
+def list_models() -> list[str]:
+    """The registered backbones' names, in snake_case (``['mobilenet_v2', 'resnet50', ...]``)."""
+    return list(BACKBONES)
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+_BY_ANY_NAME = {
+    _canonical(alias): b.name for b in BACKBONES.values() for alias in (b.name, b.keras_name)
+}
+
+
+def get_backbone(name: str) -> Backbone:
+    """The contract of a registered model, by its name or Keras's (``'ResNet50V2'``).
+
+    Raises:
+      UnknownModelError: the name is not registered; the message lists those that are.
+    """
+    registered = _BY_ANY_NAME.get(_canonical(str(name)))
+    if registered is None:
+        raise UnknownModelError(
+            f"unknown model {name!r}; registered: {', '.join(list_models())}"
+        )
+    return BACKBONES[registered]
+
+
+def is_backbone(name: str) -> bool:
+    """Whether ``name`` is a registered pretrained backbone (not a from-scratch model)."""
+    return _canonical(str(name)) in _BY_ANY_NAME
 
 
 def build_model(
@@ -41,24 +80,32 @@ def build_model(
     """Builds the module a model config describes.
 
     Args:
-      model_config: dict with ``arch`` in ``ARCHITECTURES`` and that module's fields.
+      model_config: dict with ``arch`` (a registered backbone, ``'simple_cnn'`` or
+        ``'transfer'``) and that module's fields.
       dtype: computation dtype (params stay float32).
-      conv_impl: MobileNetV2 convolution formulation (see ``flaxcnn.models.layers``).
+      conv_impl: convolution formulation (see ``flaxcnn.models.layers``).
 
     Returns:
       An unbound module.
     """
     fields = dict(model_config)
     arch = fields.pop("arch", None)
-    if arch == "mobilenet_v2":
-        return MobileNetV2(**fields, dtype=dtype, conv_impl=conv_impl)
     if arch == "simple_cnn":
         fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
         return SimpleCNN(**fields, dtype=dtype)
     if arch == "transfer":
         backbone = build_model(fields.pop("backbone"), dtype=dtype, conv_impl=conv_impl)
         return TransferClassifier(backbone=backbone, **fields, dtype=dtype)
-    raise ValueError(f"unknown architecture {arch!r}; expected one of {ARCHITECTURES}")
+    return get_backbone(arch).build(**fields, dtype=dtype, conv_impl=conv_impl)
+
+
+def backbone_of(model_config: Mapping[str, Any]) -> tuple[Backbone, dict[str, Any]] | None:
+    """The backbone contract and its options inside a model config (``None``: none)."""
+    config = model_config.get("backbone", model_config)
+    if not is_backbone(config.get("arch", "")):
+        return None
+    backbone = get_backbone(config["arch"])
+    return backbone, {k: config[k] for k in backbone.options if k in config}
 
 
 def random_variables(model: nn.Module, input_shape: Sequence[int], *, seed: int = 0) -> Any:
@@ -66,7 +113,7 @@ def random_variables(model: nn.Module, input_shape: Sequence[int], *, seed: int 
 
     For benchmarks and tests, where compiling ``init`` (a random initialiser per leaf, ~10 s
     for MobileNetV2 on a 2-core CPU) costs more than the work they measure. Realistic
-    magnitudes, not a trained model's: fan-in scaled normal kernels, BatchNorm scales and
+    magnitudes, not a trained model's: fan-in scaled normal kernels, norm scales and
     variances uniform in [0.5, 1.5], small normal biases and means.
 
     Args:
@@ -86,9 +133,8 @@ def random_variables(model: nn.Module, input_shape: Sequence[int], *, seed: int 
             value = rng.uniform(0.5, 1.5, spec.shape)
         elif name.endswith("['mean']") or name.endswith("['bias']"):
             value = rng.normal(0.0, 0.1, spec.shape)
-        else:  # kernels
+        else:  # kernels (a depthwise kernel (kh, kw, 1, C) has fan-in kh * kw)
             fan_in = int(np.prod(spec.shape[:-1])) if len(spec.shape) > 1 else 1
-            fan_in = int(np.prod(spec.shape[:2])) if "depthwise" in name else fan_in
             value = rng.normal(0.0, 1.0 / np.sqrt(max(fan_in, 1)), spec.shape)
         return np.asarray(value, spec.dtype)
 
@@ -96,17 +142,18 @@ def random_variables(model: nn.Module, input_shape: Sequence[int], *, seed: int 
 
 
 __all__ = [
-    "ALPHAS",
-    "ARCHITECTURES",
+    "BACKBONES",
     "CONV_IMPLS",
-    "NUM_STAGES",
-    "DepthwiseConv2D",
-    "MobileNetV2",
-    "PointwiseConv",
+    "SCRATCH_MODELS",
+    "Backbone",
+    "KerasLayer",
     "SimpleCNN",
     "TransferClassifier",
+    "UnknownModelError",
+    "backbone_of",
     "build_model",
-    "keras_layer_names",
+    "get_backbone",
+    "is_backbone",
+    "list_models",
     "random_variables",
-    "stage_of_layer",
 ]

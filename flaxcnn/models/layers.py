@@ -242,14 +242,31 @@ def _fold(kernel: jax.Array, y_fn, multiplier, offset):
     return y if offset is None else y + offset.astype(y.dtype)
 
 
+def _bias(module: nn.Module, features: int) -> jax.Array | None:
+    """The conv's ``bias`` parameter (zeros-initialised, as ``flax.linen.Conv``), if it has one."""
+    if not module.use_bias:
+        return None
+    return module.param("bias", nn.initializers.zeros, (features,), module.param_dtype)
+
+
+def _with_bias(offset, bias, multiplier):
+    """``conv(x) + bias``, then an affine map: the bias folds into the map's offset."""
+    if bias is None:
+        return offset
+    if offset is None:
+        return bias
+    return offset + bias * (1 if multiplier is None else multiplier)
+
+
 class Conv2D(nn.Module):
-    """Dense 2-D conv without bias, NHWC; parameters as ``flax.linen.Conv(use_bias=False)``.
+    """Dense 2-D conv, NHWC; parameters as ``flax.linen.Conv``'s.
 
     Attributes:
       features: output channels.
       kernel_size: spatial size of the filter.
       strides: spatial strides.
       padding: ``'SAME'``, ``'VALID'`` or explicit ``((top, bottom), (left, right))``.
+      use_bias: whether to add a bias.
       conv_impl: see :func:`resolve_conv_impl`.
       dtype: computation dtype (``None``: from inputs and params).
       param_dtype: parameter dtype.
@@ -259,6 +276,7 @@ class Conv2D(nn.Module):
     kernel_size: tuple[int, int] = (3, 3)
     strides: tuple[int, int] = (1, 1)
     padding: Padding = "SAME"
+    use_bias: bool = False
     conv_impl: str = "auto"
     dtype: Any = None
     param_dtype: Any = jnp.float32
@@ -272,10 +290,11 @@ class Conv2D(nn.Module):
             (*self.kernel_size, x.shape[-1], self.features),
             self.param_dtype,
         )
+        bias = _bias(self, self.features)
         pads = explicit_pads(self.padding, x.shape[1:3], self.kernel_size, self.strides)
-        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         fn = lambda k: conv(x, k.astype(x.dtype), self.strides, pads, self.conv_impl)
-        return _fold(kernel, fn, multiplier, offset)
+        return _fold(kernel, fn, multiplier, _with_bias(offset, bias, multiplier))
 
 
 class DepthwiseConv2D(nn.Module):
@@ -309,21 +328,11 @@ class DepthwiseConv2D(nn.Module):
             (*self.kernel_size, 1, channels),
             self.param_dtype,
         )
-        bias = (
-            self.param("bias", nn.initializers.zeros, (channels,), self.param_dtype)
-            if self.use_bias
-            else None
-        )
+        bias = _bias(self, channels)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         pads = explicit_pads(self.padding, x.shape[1:3], self.kernel_size, self.strides)
-        if bias is not None:  # conv(x) + b, then the affine map: fold b into the offset
-            offset = (
-                bias
-                if offset is None
-                else offset + bias * (1 if multiplier is None else multiplier)
-            )
         fn = lambda k: depthwise_conv(x, k.astype(x.dtype), self.strides, pads, self.conv_impl)
-        return _fold(kernel, fn, multiplier, offset)
+        return _fold(kernel, fn, multiplier, _with_bias(offset, bias, multiplier))
 
 
 class PointwiseConv(nn.Module):
@@ -352,20 +361,10 @@ class PointwiseConv(nn.Module):
             (1, 1, x.shape[-1], self.features),
             self.param_dtype,
         )
-        bias = (
-            self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
-            if self.use_bias
-            else None
-        )
+        bias = _bias(self, self.features)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        if bias is not None:
-            offset = (
-                bias
-                if offset is None
-                else offset + bias * (1 if multiplier is None else multiplier)
-            )
         fn = lambda k: pointwise_conv(x, k.astype(x.dtype), self.conv_impl)
-        return _fold(kernel, fn, multiplier, offset)
+        return _fold(kernel, fn, multiplier, _with_bias(offset, bias, multiplier))
 
 
 class BatchNormAffine(nn.Module):
@@ -394,3 +393,40 @@ class BatchNormAffine(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, shape, self.param_dtype)
         multiplier = scale * lax.rsqrt(var.value + self.epsilon)
         return multiplier, bias - mean.value * multiplier
+
+
+def conv_batch_norm(
+    conv: nn.Module,
+    x: jax.Array,
+    *,
+    name: str,
+    train: bool,
+    fold: bool = True,
+    epsilon: float = 1e-3,
+    momentum: float = 0.99,
+    dtype: Any = None,
+) -> jax.Array:
+    """``conv(x)`` then the Keras ``BatchNormalization`` called ``name``, inside a compact module.
+
+    In training it is ``flax.linen.BatchNorm`` on batch statistics (Keras and Flax share the
+    EMA convention for ``momentum``; PyTorch's is reversed). With running averages and
+    ``fold`` it is folded into the conv (:class:`BatchNormAffine`): the same variables, the
+    same outputs up to float rounding, one pass over the activation fewer.
+
+    Args:
+      conv: a :class:`Conv2D`, :class:`DepthwiseConv2D` or :class:`PointwiseConv`.
+      x: its input.
+      name: the Keras name of the BatchNorm layer.
+      train: batch statistics (updating ``batch_stats``) or running averages.
+      fold: fold the inference-mode BatchNorm into the conv.
+      epsilon: Keras's ``epsilon`` of that layer (Keras's default is 1e-3).
+      momentum: Keras's ``momentum`` of that layer (Keras's default is 0.99).
+      dtype: computation dtype.
+    """
+    if train or not fold:
+        bn = nn.BatchNorm(use_running_average=not train, momentum=momentum, epsilon=epsilon,
+                          dtype=dtype, name=name)  # fmt: skip
+        return bn(conv(x))
+    features = getattr(conv, "features", None) or x.shape[-1]  # depthwise keeps channels
+    multiplier, offset = BatchNormAffine(epsilon=epsilon, name=name)(features)
+    return conv(x, multiplier, offset)

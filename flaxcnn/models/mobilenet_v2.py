@@ -5,7 +5,7 @@ every submodule carries the Keras layer name (``Conv1``, ``bn_Conv1``,
 ``expanded_conv_depthwise``, ``block_{i}_expand_BN``, ``Conv_1``, ``predictions`` ...), BatchNorm
 uses epsilon 1e-3 and momentum 0.999 (Keras and Flax share the EMA convention), activations are
 ReLU6, and stride-2 depthwise convs use Keras's asymmetric ``correct_pad`` zero padding followed
-by VALID. Given the same weights the outputs equal Keras's (tests/test_parity_keras.py).
+by VALID. Given the same weights the outputs equal Keras's (tests/test_mobilenet_v2.py).
 
 The model is a pure definition: it returns logits (Keras applies softmax), does not normalise
 its input (feed images scaled to [-1, 1], see ``flaxcnn.data.scale_images``) and never touches
@@ -22,9 +22,11 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from flaxcnn.models.layers import BatchNormAffine, Conv2D, DepthwiseConv2D, PointwiseConv
+from flaxcnn.models.backbone import Backbone, KerasLayer
+from flaxcnn.models.layers import Conv2D, DepthwiseConv2D, PointwiseConv, conv_batch_norm
+from flaxcnn.weights.registry import PretrainedSpec
 
-ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
+ALPHAS = (1.0, 0.35, 0.5, 0.75, 1.3, 1.4)  # the default first
 MIN_INPUT_SIZE = 32
 
 # (output filters, stride, expansion) of the 17 inverted residual blocks, as in Keras.
@@ -99,46 +101,36 @@ def last_conv_channels(alpha: float) -> int:
 
 
 NUM_STAGES = len(BLOCKS) + 2  # the stem, the 17 blocks, the top (``Conv_1`` and after)
+STAGE_NAMES = ("Conv1", "expanded_conv", *(f"block_{i}" for i in range(1, len(BLOCKS))), "Conv_1")
 
 
-def stage_of_layer(name: str) -> int:
-    """The stage a Keras layer name belongs to: 0 the stem, ``i + 1`` block ``i``, 18 the top.
+@functools.cache
+def keras_layers(include_top: bool = False, alpha: float = 1.0) -> tuple[KerasLayer, ...]:
+    """``keras.applications.MobileNetV2(...).layers`` in order, weightless ones included.
 
-    Stages are where the network can be cut: ``MobileNetV2(...)(x, stop=k)`` returns the input
-    of stage ``k`` and ``(..., start=k)`` continues from it.
+    Index ``i`` is Keras layer index ``i``, so the TensorFlow tutorial's ``fine_tune_at = 100``
+    is ``block_11_expand_relu``. Stage 0 is the stem, ``i + 1`` block ``i``, 18 the top.
     """
-    if name.startswith("expanded_conv_"):
-        return 1
-    if name.startswith("block_"):
-        return int(name.split("_")[1]) + 1
-    if name in ("input_1", "Conv1", "bn_Conv1", "Conv1_relu"):
-        return 0
-    if name in ("Conv_1", "Conv_1_bn", "out_relu", "global_average_pooling2d", "predictions"):
-        return NUM_STAGES - 1
-    raise ValueError(f"{name!r} is not a MobileNetV2 layer name")
-
-
-def keras_layer_names(alpha: float = 1.0, include_top: bool = False) -> tuple[str, ...]:
-    """Names of ``keras.applications.MobileNetV2(...).layers`` in order, weightless ones included.
-
-    Index ``i`` of this tuple is Keras layer index ``i``, so the TensorFlow tutorial's
-    ``fine_tune_at = 100`` can be translated to a module name (``block_11_expand_relu``).
-    """
-    names = ["input_1", "Conv1", "bn_Conv1", "Conv1_relu"]
+    layers = [KerasLayer("input_1", 0, False)]
+    layers += [KerasLayer(n, 0, w) for n, w in (("Conv1", True), ("bn_Conv1", True),
+                                                ("Conv1_relu", False))]  # fmt: skip
     for spec in block_specs(alpha):
-        p = spec.prefix
+        p, stage = spec.prefix, spec.block_id + 1
+        names = []
         if spec.expanded_channels is not None:
-            names += [p + "expand", p + "expand_BN", p + "expand_relu"]
+            names += [(p + "expand", True), (p + "expand_BN", True), (p + "expand_relu", False)]
         if spec.stride == 2:
-            names.append(p + "pad")
-        names += [p + "depthwise", p + "depthwise_BN", p + "depthwise_relu"]
-        names += [p + "project", p + "project_BN"]
+            names.append((p + "pad", False))
+        names += [(p + "depthwise", True), (p + "depthwise_BN", True),
+                  (p + "depthwise_relu", False), (p + "project", True), (p + "project_BN", True)]
         if spec.has_residual:
-            names.append(p + "add")
-    names += ["Conv_1", "Conv_1_bn", "out_relu"]
+            names.append((p + "add", False))
+        layers += [KerasLayer(n, stage, w) for n, w in names]
+    top = [("Conv_1", True), ("Conv_1_bn", True), ("out_relu", False)]
     if include_top:
-        names += ["global_average_pooling2d", "predictions"]
-    return tuple(names)
+        top += [("global_average_pooling2d", False), ("predictions", True)]
+    layers += [KerasLayer(n, NUM_STAGES - 1, w) for n, w in top]
+    return tuple(layers)
 
 
 class MobileNetV2(nn.Module):
@@ -165,25 +157,14 @@ class MobileNetV2(nn.Module):
     dtype: Any = jnp.float32
 
     def _conv_bn(self, conv: nn.Module, bn_name: str, x: jax.Array, train: bool) -> jax.Array:
-        """``conv`` then the BatchNorm ``bn_name``; folded into the conv at inference."""
-        if train or not self.fold_batch_norm:
-            bn = nn.BatchNorm(
-                use_running_average=not train,
-                momentum=0.999,
-                epsilon=1e-3,
-                dtype=self.dtype,
-                name=bn_name,
-            )
-            return bn(conv(x))
-        features = getattr(conv, "features", None) or x.shape[-1]  # depthwise keeps channels
-        multiplier, offset = BatchNormAffine(epsilon=1e-3, name=bn_name)(features)
-        return conv(x, multiplier, offset)
+        return conv_batch_norm(conv, x, name=bn_name, train=train, fold=self.fold_batch_norm,
+                               epsilon=1e-3, momentum=0.999, dtype=self.dtype)  # fmt: skip
 
     @nn.compact
     def __call__(
         self, x: jax.Array, train: bool = False, *, start: int = 0, stop: int = NUM_STAGES
     ) -> jax.Array:
-        """Runs the network, or the stages ``[start, stop)`` of it (see :func:`stage_of_layer`).
+        """Runs the network, or the stages ``[start, stop)`` of it (see :func:`keras_layers`).
 
         Args:
           x: images ``[N, H, W, 3]`` scaled to [-1, 1], ``H, W >= 32`` (with ``start > 0``:
@@ -260,3 +241,41 @@ class MobileNetV2(nn.Module):
         if self.pooling == "max":
             return jnp.max(x, axis=(1, 2))
         return x
+
+
+# The published files: TF-slim ``mobilenet_v2_{alpha}_{rows}`` checkpoints converted by the
+# Keras team, alphas 0.35-1.0 at 96-224 px and 1.3/1.4 at 224 only, with and without the top.
+# Keras publishes no hash for them (``keras.applications.mobilenet_v2`` downloads unchecked).
+BASE_URL = "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/"
+RESOLUTIONS = {alpha: (96, 128, 160, 192, 224) if alpha <= 1.0 else (224,) for alpha in ALPHAS}
+WEIGHTS = tuple(
+    PretrainedSpec(
+        model="mobilenet_v2",
+        url=f"{BASE_URL}mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{float(alpha)}_{rows}"
+        f"{'' if include_top else '_no_top'}.h5",
+        input_size=rows,
+        include_top=include_top,
+        options=(("alpha", alpha),),
+    )
+    for alpha in sorted(ALPHAS)
+    for rows in RESOLUTIONS[alpha]
+    for include_top in (True, False)
+)
+
+BACKBONES = (
+    Backbone(
+        name="mobilenet_v2",
+        keras_name="MobileNetV2",
+        module=MobileNetV2,
+        layers=keras_layers,
+        stage_names=STAGE_NAMES,
+        preprocessing="tf",
+        default_input_size=224,
+        default_fine_tune_at="100",  # the TensorFlow transfer-learning tutorial's
+        running_statistics=True,
+        weights=WEIGHTS,
+        options={"alpha": ALPHAS},
+        min_input_size=MIN_INPUT_SIZE,
+        imagenet_top1=0.713,
+    ),
+)

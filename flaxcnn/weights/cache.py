@@ -18,6 +18,7 @@ import shutil
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Iterable
 
 from flaxcnn.weights.errors import WeightsError
 from flaxcnn.weights.keras_h5 import read_keras_h5
@@ -34,8 +35,9 @@ def cache_dir(explicit: str | os.PathLike | None = None) -> pathlib.Path:
     return pathlib.Path(os.environ.get(CACHE_ENV, "~/.cache/flaxcnn")).expanduser()
 
 
-def sha256_of(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
+    """The hex digest of a file (``'sha256'`` or ``'md5'``, the two Keras publishes)."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
@@ -43,10 +45,13 @@ def sha256_of(path: str | os.PathLike) -> str:
 
 
 def _problem_with(path: pathlib.Path, spec: PretrainedSpec) -> str | None:
-    """Why a cached file cannot be used (``None`` if it can)."""
-    if spec.sha256 is not None:
-        actual = sha256_of(path)
-        return None if actual == spec.sha256 else f"sha256 {actual} != expected {spec.sha256}"
+    """Why a cached or downloaded file cannot be used (``None`` if it can): a hash that
+    differs from the one Keras publishes, else (no published hash) an unreadable file."""
+    if spec.file_hash is not None:
+        actual = file_digest(path, spec.hash_algorithm)
+        if actual != spec.file_hash:
+            return f"{spec.hash_algorithm} {actual} != the published {spec.file_hash}"
+        return None
     try:
         read_keras_h5(path)
     except WeightsError as e:
@@ -84,6 +89,7 @@ def _download(url: str, target: pathlib.Path, spec: PretrainedSpec, timeout: flo
             return f"incomplete: {size:,} of {int(length):,} bytes"
         problem = _problem_with(pathlib.Path(tmp_name), spec)
         if problem is None:
+            os.chmod(tmp_name, 0o644)  # mkstemp makes it private; a cache is shared
             os.replace(tmp_name, target)
         return problem
     finally:
@@ -157,21 +163,46 @@ def fetch(
         return target
 
 
+def env_file_for(
+    spec: PretrainedSpec, registered: Iterable[PretrainedSpec] = ()
+) -> pathlib.Path | None:
+    """The file ``$FLAXCNN_WEIGHTS`` provides for ``spec``, if any.
+
+    The variable names a folder of Keras-named files, or one file. A file whose name is
+    another registered file's (another model, options or top) is not used for ``spec``,
+    whatever its resolution; a file of any other name is used for every request (a renamed
+    copy), and the strict load then tells if it does not fit.
+    """
+    env = os.environ.get(WEIGHTS_ENV)
+    if not env:
+        return None
+    path = pathlib.Path(env).expanduser()
+    if path.is_dir():
+        return path / spec.filename
+    key = lambda s: (s.model, s.options, s.include_top)
+    owner = next((s for s in registered if s.filename == path.name), None)
+    if owner is not None and key(owner) != key(spec):
+        return None
+    return path
+
+
 def resolve(
     weights: str | os.PathLike,
-    spec: PretrainedSpec,
+    spec: PretrainedSpec | None,
     *,
     cache: str | os.PathLike | None = None,
     download: bool = True,
+    registered: Iterable[PretrainedSpec] = (),
 ) -> pathlib.Path:
     """Turns a ``weights`` argument into a local file.
 
     Args:
-      weights: ``'imagenet'`` (``$FLAXCNN_WEIGHTS`` if set - a file, or a folder holding
-        Keras-named files - else the cache, else the official URL) or a path to a file.
-      spec: the published file that ``'imagenet'`` means for this model.
+      weights: ``'imagenet'`` (``$FLAXCNN_WEIGHTS`` if it provides the file, see
+        :func:`env_file_for`, else the cache, else the official URL) or a path to a file.
+      spec: the published file that ``'imagenet'`` means for this model (unused for a path).
       cache: cache folder override.
       download: allow network access.
+      registered: every registered file, to tell which one a ``$FLAXCNN_WEIGHTS`` file is.
 
     Returns:
       Path of an existing file (its contents are checked when loaded).
@@ -180,17 +211,17 @@ def resolve(
         path = pathlib.Path(weights).expanduser()
         if not path.is_file():
             raise WeightsError(
-                f"weights file {path} does not exist; pass an existing .h5 file or 'imagenet'"
+                f"weights file {path} does not exist; pass an existing .h5 file, 'imagenet' "
+                "or None"
             )
         return path.resolve()
-    env = os.environ.get(WEIGHTS_ENV)
-    if env:
-        path = pathlib.Path(env).expanduser()
-        if path.is_dir():
-            path = path / spec.filename
+    if spec is None:
+        raise ValueError("weights='imagenet' needs the published file's spec")
+    path = env_file_for(spec, registered)
+    if path is not None:
         if not path.is_file():
             raise WeightsError(
-                f"{WEIGHTS_ENV}={env} but {path} does not exist; "
+                f"{WEIGHTS_ENV}={os.environ[WEIGHTS_ENV]} but {path} does not exist; "
                 f"point it at {spec.filename} or a folder holding it"
             )
         return path.resolve()

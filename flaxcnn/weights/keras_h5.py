@@ -80,7 +80,7 @@ def read_keras_h5(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise WeightsError(
             f"{path} is not a readable Keras HDF5 file ({reason}); it may be truncated or "
-            "corrupt: delete it and download it again, or pass another file"
+            "corrupt"
         ) from None
 
 

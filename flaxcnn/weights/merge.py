@@ -19,11 +19,15 @@ from flax import traverse_util
 from flaxcnn.weights.errors import WeightsError
 
 
-def _flat(tree: Mapping[str, Any]) -> dict[str, Any]:
-    """``/``-joined paths in model order, ``params`` first (so errors name the earliest layer)."""
+def _flat(tree: Mapping[str, Any]) -> dict[tuple[str, ...], Any]:
+    """Leaves by key path in model order, ``params`` first (so errors name the earliest layer).
+
+    Paths stay tuples: Keras layer names may themselves hold ``/`` (MobileNetV3's
+    ``expanded_conv/expand``), so a joined string could not be split back.
+    """
     ordered = sorted(tree, key=lambda collection: collection != "params")
     return {
-        "/".join((collection, *k)): v
+        (collection, *k): v
         for collection in ordered
         for k, v in traverse_util.flatten_dict(dict(tree[collection])).items()
     }
@@ -54,9 +58,10 @@ def merge_variables(
         wrong-shape path counted.
     """
     patterns = [re.compile(p) for p in dont_load]
-    skip = lambda path: any(p.fullmatch(path) for p in patterns)
+    skip = lambda key: any(p.fullmatch("/".join(key)) for p in patterns)
     init_flat = _flat(init_variables)
     loaded_flat = _flat(loaded_variables)
+    name = lambda key: "/".join(key)
 
     missing = [p for p in init_flat if p not in loaded_flat and not skip(p)]
     unexpected = [p for p in loaded_flat if p not in init_flat and not skip(p)]
@@ -69,11 +74,13 @@ def merge_variables(
         problems = []
         if wrong_shape:
             path, got, want = wrong_shape[0]
-            problems.append(f"layer {path!r} has shape {got} in the file but {want} in the model")
+            problems.append(
+                f"layer {name(path)!r} has shape {got} in the file but {want} in the model"
+            )
         if missing:
-            problems.append(f"layer {missing[0]!r} is missing from the file")
+            problems.append(f"layer {name(missing[0])!r} is missing from the file")
         if unexpected:
-            problems.append(f"the file has {unexpected[0]!r}, which the model does not")
+            problems.append(f"the file has {name(unexpected[0])!r}, which the model does not")
         raise WeightsError(
             f"{source} does not fit the model: {'; '.join(problems)} "
             f"({len(wrong_shape)} wrong-shape, {len(missing)} missing, {len(unexpected)} "
@@ -84,4 +91,4 @@ def merge_variables(
         path: init if skip(path) else np.asarray(loaded_flat[path], dtype=init.dtype)
         for path, init in init_flat.items()
     }
-    return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in merged.items()})
+    return traverse_util.unflatten_dict(merged)

@@ -1,25 +1,23 @@
-"""The published MobileNetV2 ImageNet weight files, described as data.
+"""Published weight files as data: one :class:`PretrainedSpec` per file, and the lookup.
 
-One :class:`PretrainedSpec` per file Keras publishes (TF-slim ``mobilenet_v2_{alpha}_{rows}``
-checkpoints converted by the Keras team): width multipliers 0.35-1.0 at 96-224 pixels, and
-1.3 / 1.4 at 224 only, each with and without the 1000-class top. Keras would build a URL for
-combinations that were never published and fail with an HTTP 404; we list only real files.
+Each family module (``flaxcnn/models/<family>.py``) lists the files Keras publishes for its
+variants, with the hash Keras's own ``get_file`` checks them against; this module knows no
+family. Keras would build a URL for combinations that were never published and fail with an
+HTTP 404; we list only real files, and say which exist when asked for another.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable, Mapping
+from typing import Any
 
-BASE_URL = "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/"
-RESOLUTIONS = (96, 128, 160, 192, 224)
-_ALPHA_RESOLUTIONS = {
-    0.35: RESOLUTIONS,
-    0.5: RESOLUTIONS,
-    0.75: RESOLUTIONS,
-    1.0: RESOLUTIONS,
-    1.3: (224,),
-    1.4: (224,),
-}
+OptionItems = tuple[tuple[str, Any], ...]
+
+
+def option_items(options: Mapping[str, Any]) -> OptionItems:
+    """Family options as a sorted, hashable tuple (``{'alpha': 1.0}`` -> ``(('alpha', 1.0),)``)."""
+    return tuple(sorted(options.items()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,82 +25,94 @@ class PretrainedSpec:
     """Everything known about one published weight file.
 
     Attributes:
-      arch: model family (``'mobilenet_v2'``).
-      alpha: width multiplier the file was trained with.
-      resolution: square input size it was trained at.
-      include_top: whether it holds the 1000-class ``predictions`` layer.
-      sha256: expected digest, or ``None`` where the publisher gives none (Keras gives none
-        for MobileNetV2; then a cached file is checked by reading it instead).
-      preprocessing: how inputs were scaled in training: ``'tf'`` = RGB in [-1, 1].
+      model: the registered model name the file belongs to (``'resnet50'``).
+      url: where Keras downloads it from; the file name is the URL's last part, so a Keras
+        cache (``~/.keras/models``) can be reused as-is.
+      input_size: the square resolution the weights were trained at.
+      include_top: whether the file holds the ImageNet classifier.
+      file_hash: the digest Keras publishes for the file (32 hex digits: MD5, 64: SHA-256,
+        as ``keras.utils.get_file`` tells them apart), or ``None`` where Keras gives none;
+        then a cached file is checked by reading it instead.
+      options: the family options the file was trained with (``(('alpha', 1.0),)``).
       num_classes: classes of the top (ImageNet-1k), also recorded for no-top files.
-      classifier: the top's layer name, dropped when a new head is requested.
       license: licence of the weights.
     """
 
-    arch: str
-    alpha: float
-    resolution: int
+    model: str
+    url: str
+    input_size: int
     include_top: bool
-    sha256: str | None = None
-    preprocessing: str = "tf"
+    file_hash: str | None = None
+    options: OptionItems = ()
     num_classes: int = 1000
-    classifier: str = "predictions"
     license: str = "Apache-2.0"
+
+    def __post_init__(self) -> None:
+        if self.file_hash is not None and len(self.file_hash) not in (32, 64):
+            raise ValueError(f"{self.filename}: a file hash has 32 (MD5) or 64 (SHA-256) digits")
 
     @property
     def filename(self) -> str:
-        """Keras's file name, so a Keras cache (``~/.keras/models``) can be reused as-is."""
-        suffix = "" if self.include_top else "_no_top"
-        return (
-            f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{float(self.alpha)}"
-            f"_{self.resolution}{suffix}.h5"
-        )
+        return self.url.rsplit("/", 1)[-1]
 
     @property
-    def url(self) -> str:
-        return BASE_URL + self.filename
+    def hash_algorithm(self) -> str | None:
+        """``'md5'`` or ``'sha256'`` (Keras's rule: by the digest's length)."""
+        if self.file_hash is None:
+            return None
+        return "sha256" if len(self.file_hash) == 64 else "md5"
 
     @property
     def name(self) -> str:
+        """A readable id: ``mobilenet_v2_alpha1.0_224_no_top.imagenet``."""
+        options = "".join(f"_{key}{value}" for key, value in self.options)
         top = "" if self.include_top else "_no_top"
-        return f"{self.arch}_{self.alpha}_{self.resolution}{top}.imagenet"
+        return f"{self.model}{options}_{self.input_size}{top}.imagenet"
 
 
-SPECS: tuple[PretrainedSpec, ...] = tuple(
-    PretrainedSpec("mobilenet_v2", alpha, rows, include_top)
-    for alpha, rows_options in _ALPHA_RESOLUTIONS.items()
-    for rows in rows_options
-    for include_top in (True, False)
-)
+def describe_options(options: OptionItems | Mapping[str, Any]) -> str:
+    items = options.items() if isinstance(options, Mapping) else options
+    return ", ".join(f"{key}={value}" for key, value in items) or "the default options"
 
 
-def find_spec(alpha: float, input_size: int | tuple[int, int], include_top: bool) -> PretrainedSpec:
+def find_spec(
+    specs: Iterable[PretrainedSpec],
+    *,
+    input_size: int | tuple[int, int],
+    include_top: bool,
+    options: Mapping[str, Any] | None = None,
+) -> PretrainedSpec:
     """The published file for a model, picking the nearest published resolution.
 
-    Weights do not depend on the input size (the network is fully convolutional), so any
+    Weights do not depend on the input size (the networks are fully convolutional), so any
     size loads; the file trained at the nearest resolution is the best starting point.
 
     Args:
-      alpha: width multiplier.
+      specs: one model's published files.
       input_size: the model's input size (int or ``(height, width)``).
-      include_top: whether the 1000-class top is wanted.
+      include_top: whether the ImageNet top is wanted.
+      options: the family options (``{'alpha': 0.5}``).
 
     Returns:
       The matching spec.
 
     Raises:
-      ValueError: no weights are published for ``alpha``; the message lists what exists.
+      ValueError: no file is published for these options; the message lists what exists.
     """
-    alpha = float(alpha)
-    if alpha not in _ALPHA_RESOLUTIONS:
-        valid = ", ".join(
-            f"alpha={a} at {'/'.join(map(str, r))}" for a, r in _ALPHA_RESOLUTIONS.items()
+    specs = tuple(specs)
+    wanted = option_items(options or {})
+    matching = [s for s in specs if s.options == wanted and s.include_top == include_top]
+    if not matching:
+        model = specs[0].model if specs else "this model"
+        published = sorted({s.options for s in specs})
+        valid = "; ".join(
+            describe_options(o) + " at " + "/".join(
+                str(r) for r in sorted({s.input_size for s in specs if s.options == o}))
+            for o in published
+        )  # fmt: skip
+        raise ValueError(
+            f"no ImageNet weights are published for {model} with {describe_options(wanted)}"
+            + (f"; published: {valid}" if valid else "; pass weights=None or a file")
         )
-        raise ValueError(f"no ImageNet weights are published for alpha={alpha}; valid: {valid}")
     size = input_size if isinstance(input_size, int) else round(sum(input_size) / 2)
-    rows = min(_ALPHA_RESOLUTIONS[alpha], key=lambda r: (abs(r - size), -r))
-    return next(
-        s
-        for s in SPECS
-        if s.alpha == alpha and s.resolution == rows and s.include_top == include_top
-    )
+    return min(matching, key=lambda s: (abs(s.input_size - size), -s.input_size))
