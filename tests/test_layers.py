@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 from jax import lax
+from tolerances import assert_close
 
 from flaxcnn.models import layers
 
@@ -17,14 +18,6 @@ GRAD_RTOL = 1e-5
 
 def _random(shape, seed):
     return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
-
-
-def _assert_close(got, want, rtol, what):
-    """Max-abs difference relative to the reference's largest magnitude."""
-    got, want = np.asarray(got), np.asarray(want)
-    assert got.shape == want.shape, what
-    scale = max(float(np.max(np.abs(want))), 1e-12)
-    assert float(np.max(np.abs(got - want))) <= rtol * scale, what
 
 
 def _check_fn_and_grads(fn, reference, x, kernel):
@@ -38,9 +31,9 @@ def _check_fn_and_grads(fn, reference, x, kernel):
     r = _random(shape, 7)
     want, want_grads = jax.jit(lambda r: outputs_and_grads(reference, r))(r)
     got, got_grads = jax.jit(lambda r: outputs_and_grads(fn, r))(r)
-    _assert_close(got, want, 1e-6, "forward")
+    assert_close(got, want, 1e-6, what="forward")
     for name, g, w in zip(("d/dx", "d/dkernel"), got_grads, want_grads, strict=True):
-        _assert_close(g, w, GRAD_RTOL, name)
+        assert_close(g, w, GRAD_RTOL, what=name)
 
 
 DEPTHWISE_CASES = [
@@ -147,4 +140,4 @@ def test_batch_norm_affine_has_batch_norm_variables_and_folds_exactly():
         folded = conv.apply(conv_vars, x, multiplier, offset)
         return folded, bn.apply(variables, conv.apply(conv_vars, x))
 
-    _assert_close(*folded_and_unfolded(x), 1e-6, "folded BatchNorm")
+    assert_close(*folded_and_unfolded(x), 1e-6, what="folded BatchNorm")
