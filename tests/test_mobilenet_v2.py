@@ -159,11 +159,12 @@ def test_keras_differs_from_itself_as_much(real_features, shared_weights, tmp_pa
     images, expected, got = real_features(160)
     np.save(tmp_path / "images.npy", images)
     env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": "0", "TF_CPP_MIN_LOG_LEVEL": "2"}
-    argv = [sys.executable, "-c", _KERAS_WITHOUT_ONEDNN, str(pathlib.Path(__file__).parent),
-            str(tmp_path / "images.npy"), str(shared_weights), str(tmp_path / "eigen.npy")]  # fmt: skip
+    tests_dir, out = pathlib.Path(__file__).parent, tmp_path / "eigen.npy"
+    argv = [sys.executable, "-c", _KERAS_WITHOUT_ONEDNN, str(tests_dir),
+            str(tmp_path / "images.npy"), str(shared_weights), str(out)]  # fmt: skip
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    eigen = np.load(tmp_path / "eigen.npy")
+    eigen = np.load(out)
     keras_spread = max_diff(eigen, expected)
     if keras_spread == 0:
         pytest.skip("Keras's oneDNN and Eigen kernels agree bit for bit on this CPU: no yardstick")
@@ -193,7 +194,11 @@ def test_stages_compose_to_the_whole_network():
     whole = apply(variables, x)
     for stage in (0, 1, 12, NUM_STAGES - 1, NUM_STAGES):  # ends, first block, a middle one
         middle = apply(variables, x, stop=stage)
-        np.testing.assert_allclose(apply(variables, middle, start=stage), whole, atol=1e-6)
+        # The same operations in two programs: XLA fuses around the cut differently, which
+        # may reorder a few roundings. Measured: bit-equal here; bounded by what reordering
+        # every layer's sums gives (the Keras parity: <= 9e-7 on random weights).
+        got = apply(variables, middle, start=stage)
+        assert_close(got, whole, RANDOM_WEIGHTS_RTOL, what=f"stage {stage}")
     assert apply(variables, x, stop=12).shape == (2, 3, 3, 32)  # entering block 11: 1/16 scale
     with pytest.raises(ValueError, match=r"stages \[5, 3\)"):
         model.apply(variables, x, start=5, stop=3)
