@@ -28,13 +28,14 @@ HELP = {
     "data_dir": "TFDS data directory (for manually downloaded/prepared datasets)",
     "download": "allow downloads of TFDS data and weights (--no-download: offline, never "
     "touch the network)",
-    "image_size": "square input size in pixels (>= 32)",
+    "image_size": "square input size in pixels (default: the resolution the model's weights "
+    "were trained at)",
     "batch_size": "global batch size (divided over all devices)",
     "augment": "random flip + rotation (+-72 deg) on training images",
     "validation_fraction": "fraction of train carved off (seeded, stratified) when the "
     "dataset has no validation split",
-    "model": "architecture",
-    "alpha": "MobileNetV2 width multiplier",
+    "model": "the model: a registered backbone (or Keras's name for it, e.g. ResNet50) or a "
+    "model trained from scratch",
     "weights": "'imagenet' (honours $FLAXCNN_WEIGHTS and the cache $FLAXCNN_CACHE), a Keras "
     ".h5 path, or 'none' for random init",
     "dropout_rate": "dropout before the classifier",
@@ -54,8 +55,9 @@ HELP = {
     "backbone's is --finetune-learning-rate)",
     "lr_schedule": "learning rate over each phase: cosine decay from the phase's rate to 0, "
     "or constant (the Keras tutorial)",
-    "fine_tune_at": "first trainable backbone layer in phase 2: Keras layer index (100 as in "
-    "the TensorFlow tutorial) or a layer/block name (block_11, Conv_1)",
+    "fine_tune_at": "first trainable backbone layer in phase 2: a Keras layer index (as the "
+    "TensorFlow tutorial's 100) or a layer/block name (default: the model's, e.g. "
+    "MobileNetV2's 100)",
     "weight_decay": "decoupled weight decay on trainable kernels (AdamW); frozen leaves "
     "stay bit-identical",
     "seed": "seed of initialisation, data order, augmentation and dropout",
@@ -71,6 +73,41 @@ USER_ERRORS = (
 )  # fmt: skip
 
 
+def add_model_flags(parser: argparse.ArgumentParser, *, inferred: bool = False) -> None:
+    """One flag per family option of the registered models (``--alpha``, ...), default unset.
+
+    Args:
+      parser: the parser to add them to.
+      inferred: the default is inferred (from a weights file) rather than the model's own.
+    """
+    from flaxcnn import models
+
+    by_option: dict[str, list] = {}
+    for backbone in models.BACKBONES.values():
+        for key, allowed in backbone.options.items():
+            by_option.setdefault(key, []).append((backbone.name, allowed))
+    for key, owners in by_option.items():
+        default = "inferred from the file" if inferred else "the model's"
+        allowed = "; ".join(f"{name}: {', '.join(map(str, values))}" for name, values in owners)
+        help_text = f"family option ({allowed}; default: {default}, the first listed)"
+        flag = "--" + key.replace("_", "-")
+        kind = type(owners[0][1][0])
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=help_text)  # fmt: skip
+        else:
+            parser.add_argument(flag, type=kind, default=None, metavar=key.upper(),
+                                help=help_text)  # fmt: skip
+
+
+def model_options(args: argparse.Namespace) -> dict:
+    """The family options given on the command line (see :func:`add_model_flags`)."""
+    from flaxcnn import models
+
+    keys = {key for backbone in models.BACKBONES.values() for key in backbone.options}
+    return {k: getattr(args, k) for k in sorted(keys) if getattr(args, k, None) is not None}
+
+
 class _OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse prints usage + message; we print one line
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -82,10 +119,12 @@ def build_parser(prog: str, description: str, defaults: config_lib.TrainConfig,
     parser = _OneLineParser(prog=prog, description=description,
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     fields = {f.name: f for f in dataclasses.fields(config_lib.TrainConfig)}
-    choices = {"model": config_lib.MODELS, "dtype": config_lib.DTYPES,
-               "feature_cache": config_lib.FEATURE_CACHE,
+    choices = {"dtype": config_lib.DTYPES, "feature_cache": config_lib.FEATURE_CACHE,
                "lr_schedule": config_lib.LR_SCHEDULES}  # fmt: skip
     for name in flags:
+        if name == "model_options":
+            add_model_flags(parser)
+            continue
         default = getattr(defaults, name)
         flag = "--" + name.replace("_", "-")
         if isinstance(default, bool):
@@ -93,6 +132,10 @@ def build_parser(prog: str, description: str, defaults: config_lib.TrainConfig,
                                 help=HELP[name])  # fmt: skip
             continue
         kind = {"int": int, "int | None": int, "float": float}.get(str(fields[name].type), str)
+        if name == "model":
+            parser.add_argument(flag, default=default, metavar="NAME", help=HELP[name] + ": " +
+                                ", ".join(config_lib.model_names()))  # fmt: skip
+            continue
         parser.add_argument(flag, type=kind, default=default, help=HELP[name],
                             choices=choices.get(name), metavar=None if name in choices else
                             name.upper())  # fmt: skip
@@ -191,11 +234,13 @@ def main(argv: Sequence[str] | None, *, prog: str, description: str,
     log.propagate = False  # TensorFlow/absl install root handlers of their own
     for noisy in ("absl", "jax._src", "orbax", "tensorflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    values = {name: getattr(args, name) for name in flags}
+    values = {name: getattr(args, name) for name in flags if name != "model_options"}
+    if "model_options" in flags:
+        values["model_options"] = model_options(args)
     if "weights" in values and str(values["weights"]).lower() == "none":
         values["weights"] = None
     try:
-        config = defaults.replace(**values)
+        config = defaults.replace(**values).resolved()
         default_name = f"{pathlib.Path(config.data).name or 'data'}_{config.model}"
         workdir = pathlib.Path(args.workdir or pathlib.Path("checkpoints") / default_name)
         workdir = workdir.expanduser().resolve()

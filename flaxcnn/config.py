@@ -1,7 +1,8 @@
 """The one run configuration: every choice a training run makes, validated, JSON round-trip.
 
-Only ``train.fit`` and the CLIs read it; functions below take explicit arguments. Each run
-writes it to ``workdir/config.json``, and recorded experiments keep theirs beside their results.
+Only ``run.fit`` and the CLIs read it; functions below take explicit arguments. Each run
+writes it, with the model's defaults filled in (:meth:`TrainConfig.resolved`), to
+``workdir/config.json``; recorded experiments keep theirs beside their results.
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Mapping
 from typing import Any
 
-from flaxcnn.models import ALPHAS, CONV_IMPLS
+from flaxcnn import models
+from flaxcnn.models import CONV_IMPLS
 
 DTYPES = ("float32", "bfloat16")
-MODELS = ("mobilenet_v2", "simple_cnn")
 FEATURE_CACHE = ("auto", "on", "off")
 LR_SCHEDULES = ("cosine", "constant")
 
@@ -24,29 +26,36 @@ class ConfigError(ValueError):
     """An invalid setting; the message names the flag and the allowed values."""
 
 
+def model_names() -> tuple[str, ...]:
+    """Every ``--model``: the registered backbones, then the from-scratch models."""
+    return (*models.list_models(), *models.SCRATCH_MODELS)
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """A training run. Field names are the CLI flags with ``_`` for ``-``.
 
     Defaults are the transfer recipe (see README "Default recipe" for why each value).
+    ``None`` for ``image_size`` and ``fine_tune_at`` means the model's own default (the
+    resolution its weights were trained at; its contract's fine-tuning point).
     """
 
     # Data.
     data: str = "cats_vs_dogs"
     data_dir: str | None = None
     download: bool = True
-    image_size: int = 160
+    image_size: int | None = None
     batch_size: int = 32
     augment: bool = True
     validation_fraction: float = 0.2
     # Model.
     model: str = "mobilenet_v2"
-    alpha: float = 1.0
+    model_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     weights: str | None = "imagenet"
     dropout_rate: float = 0.2
     dtype: str = "float32"
     conv_impl: str = "auto"
-    # Phase 1 (transfer: feature extraction; simple_cnn: the only phase).
+    # Phase 1 (transfer: feature extraction; from-scratch models: the only phase).
     head_epochs: int | None = None  # None: 50 on cached features, else 10
     head_learning_rate: float = 1e-2
     feature_cache: str = "auto"
@@ -55,7 +64,7 @@ class TrainConfig:
     finetune_epochs: int = 10
     finetune_learning_rate: float = 5e-5
     finetune_head_learning_rate: float = 1e-3
-    fine_tune_at: str = "100"
+    fine_tune_at: str | None = None
     lr_schedule: str = "cosine"  # per phase: from the phase's learning rate to 0
     weight_decay: float = 0.1  # AdamW, trainable kernels: keeps the cached-feature head calibrated
     # Run.
@@ -71,41 +80,90 @@ class TrainConfig:
                 value = getattr(self, flag.replace("-", "_"))
                 raise ConfigError(f"--{flag} {value!r} is invalid; allowed: {allowed}")
 
-        check(self.model in MODELS, "model", ", ".join(MODELS))
-        check(self.image_size >= 32, "image-size", "an integer >= 32")
+        if self.model not in models.SCRATCH_MODELS:
+            try:
+                # Keras's names are accepted too; the config records the registered one.
+                object.__setattr__(self, "model", models.get_backbone(self.model).name)
+            except models.UnknownModelError as e:
+                raise ConfigError(f"--model: {e}") from None
+        object.__setattr__(self, "model_options", dict(self.model_options))
+        check(self.image_size is None or self.image_size >= 32, "image-size", "an integer >= 32")
         check(self.batch_size >= 1, "batch-size", "a positive integer")
         check(0.0 < self.validation_fraction < 1.0, "validation-fraction", "0 < f < 1")
-        check(self.model != "mobilenet_v2" or self.alpha in ALPHAS, "alpha", str(ALPHAS))
         check(0.0 <= self.dropout_rate < 1.0, "dropout-rate", "0 <= rate < 1")
         check(self.dtype in DTYPES, "dtype", ", ".join(DTYPES))
         check(self.conv_impl in CONV_IMPLS, "conv-impl", ", ".join(CONV_IMPLS))
         check(self.head_epochs is None or self.head_epochs >= 0, "head-epochs",
-              "an integer >= 0")
+              "an integer >= 0")  # fmt: skip
         check(self.finetune_epochs >= 0, "finetune-epochs", "an integer >= 0")
         # `inf` passes `> 0`, and would train on NaN weights from the first step on.
         positive = lambda x: 0 < x < math.inf
         check(positive(self.head_learning_rate), "head-learning-rate", "a positive number")
         check(positive(self.finetune_learning_rate), "finetune-learning-rate",
-              "a positive number")
+              "a positive number")  # fmt: skip
         check(positive(self.finetune_head_learning_rate), "finetune-head-learning-rate",
-              "a positive number")
+              "a positive number")  # fmt: skip
         check(self.lr_schedule in LR_SCHEDULES, "lr-schedule", ", ".join(LR_SCHEDULES))
         check(self.feature_cache in FEATURE_CACHE, "feature-cache", ", ".join(FEATURE_CACHE))
         check(self.early_stopping_patience >= 0, "early-stopping-patience", "an integer >= 0")
         check(0 <= self.weight_decay < math.inf, "weight-decay", "a number >= 0")
         check(0 <= self.checkpoint_every_seconds < math.inf, "checkpoint-every-seconds",
-              "a number >= 0")
+              "a number >= 0")  # fmt: skip
         check(self.keep_checkpoints >= 1, "keep-checkpoints", "an integer >= 1")
         check(self.log_every >= 1, "log-every", "an integer >= 1")
-        if self.model == "simple_cnn":
-            check(self.weights is None, "weights", "none (simple_cnn trains from scratch)")
-        else:  # a bad layer should fail here, not after the first phase has trained
-            from flaxcnn.optim import fine_tune_layer
+        if self.backbone is None:
+            check(self.weights is None, "weights", f"none ({self.model} trains from scratch)")
+            check(not self.model_options, "model-options", f"none for {self.model}")
+            return
+        backbone = self.backbone
+        for key, value in self.model_options.items():
+            allowed = backbone.options.get(key)
+            if allowed is None:
+                having = [b.name for b in models.BACKBONES.values() if key in b.options]
+                raise ConfigError(f"--{key.replace('_', '-')} applies to {', '.join(having)}, "
+                                  f"not {self.model}")  # fmt: skip
+            if value not in allowed:
+                listed = ", ".join(map(str, allowed))
+                raise ConfigError(f"--{key.replace('_', '-')} {value!r} is invalid for "
+                                  f"{self.model}; allowed: {listed}")  # fmt: skip
+        if self.image_size is not None and self.image_size < backbone.min_input_size:
+            check(False, "image-size", f"an integer >= {backbone.min_input_size}")
+        try:  # a bad layer should fail here, not after the first phase has trained
+            backbone.fine_tune_layer(self.resolved_fine_tune_at, **self.model_options)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
-            try:
-                fine_tune_layer(self.fine_tune_at, self.alpha)
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
+    @property
+    def backbone(self) -> models.Backbone | None:
+        """The pretrained model's contract (``None`` for a from-scratch model)."""
+        return None if self.model in models.SCRATCH_MODELS else models.get_backbone(self.model)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The model's options, defaults filled in."""
+        return {} if self.backbone is None else self.backbone.check_options(self.model_options)
+
+    @property
+    def resolved_image_size(self) -> int:
+        if self.image_size is not None:
+            return self.image_size
+        if self.backbone is None:
+            raise ConfigError(f"--image-size is required for {self.model}")
+        return self.backbone.default_input_size
+
+    @property
+    def resolved_fine_tune_at(self) -> str:
+        if self.fine_tune_at is not None:
+            return str(self.fine_tune_at)
+        return self.backbone.default_fine_tune_at if self.backbone else ""
+
+    def resolved(self) -> TrainConfig:
+        """This config with the model's defaults written in (what ``config.json`` records)."""
+        return self.replace(
+            image_size=self.resolved_image_size,
+            fine_tune_at=self.resolved_fine_tune_at or None,
+            model_options=self.options,
+        )
 
     @property
     def compute_dtype(self) -> Any:
@@ -116,13 +174,13 @@ class TrainConfig:
 
     def model_config(self, num_classes: int) -> dict[str, Any]:
         """The ``models.build_model`` config of this run's model (saved in checkpoints)."""
-        if self.model == "simple_cnn":
-            return {"arch": "simple_cnn", "num_classes": num_classes,
+        if self.backbone is None:
+            return {"arch": self.model, "num_classes": num_classes,
                     "dropout_rate": self.dropout_rate}  # fmt: skip
         return {
             "arch": "transfer",
-            "backbone": {"arch": "mobilenet_v2", "alpha": self.alpha, "include_top": False,
-                         "pooling": "avg"},
+            "backbone": self.backbone.model_config(include_top=False, pooling="avg",
+                                                   **self.options),
             "num_classes": num_classes,
             "dropout_rate": self.dropout_rate,
             "freeze_backbone_batch_norm": True,
@@ -136,8 +194,14 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, text: str) -> TrainConfig:
+        """Reads ``config.json`` (also those written before family options moved into
+        ``model_options``, e.g. a top-level ``alpha``)."""
         fields = {f.name for f in dataclasses.fields(cls)}
         values = json.loads(text)
+        options = {name for backbone in models.BACKBONES.values() for name in backbone.options}
+        moved = {k: values.pop(k) for k in list(values) if k in options - fields}
+        if moved:
+            values["model_options"] = {**moved, **values.get("model_options", {})}
         unknown = set(values) - fields
         if unknown:
             raise ConfigError(f"unknown config keys {sorted(unknown)}")

@@ -1,4 +1,4 @@
-"""Optimisers whose frozen parameters are frozen by the optimiser itself.
+"""Optimisers whose frozen parameters are frozen by the optimiser itself (no model knowledge).
 
 Every parameter gets a label from ordered ``(regex, label)`` rules over its ``/``-joined
 path (first match wins; an uncovered parameter is an error, so a renamed layer cannot slip
@@ -18,8 +18,6 @@ from typing import Any
 import jax
 import optax
 from flax import traverse_util
-
-from flaxcnn.models.mobilenet_v2 import keras_layer_names
 
 TRAINABLE = "trainable"
 HEAD = "head"  # trainable, at the head's own learning rate
@@ -41,61 +39,20 @@ def path_labels(params: Any, rules: Rules) -> Any:
     return traverse_util.unflatten_dict(labels)
 
 
-def fine_tune_layer(fine_tune_at: str | int, alpha: float = 1.0) -> str:
-    """Resolves ``--fine-tune-at`` (Keras layer index or layer/block name) to a layer name.
-
-    Args:
-      fine_tune_at: a Keras layer index (``100``, as in the TensorFlow tutorial: layers
-        ``[100:]`` train), a layer name (``'block_11_expand'``) or a block prefix
-        (``'block_11'``).
-      alpha: width multiplier (the layer list does not depend on it, kept for clarity).
-
-    Returns:
-      The first *weighted* MobileNetV2 layer that trains (``block_11_depthwise`` for 100,
-      since layer 100 itself is a ReLU).
-
-    Raises:
-      ValueError: out of range or unknown name; the message lists the valid range/names.
-    """
-    names = keras_layer_names(alpha, include_top=False)
-    weighted = {n for n in names if not n.endswith(("_relu", "_pad", "_add", "input_1"))}
-    text = str(fine_tune_at)
-    if text.lstrip("-").isdigit():
-        index = int(text)
-        if not 1 <= index < len(names):
-            raise ValueError(
-                f"--fine-tune-at {index} is out of range; MobileNetV2 has Keras layers 1.."
-                f"{len(names) - 1} (or give a name such as block_11 or Conv_1)"
-            )
-    else:
-        matches = [i for i, n in enumerate(names) if n == text or n.startswith(text + "_")]
-        if not matches:
-            blocks = sorted({n.rsplit("_", 1)[0] for n in names if n.startswith("block_")})
-            raise ValueError(
-                f"--fine-tune-at {text!r} names no MobileNetV2 layer; use a Keras layer index "
-                f"or a name like Conv1, expanded_conv, {blocks[0]}..block_16, Conv_1"
-            )
-        index = matches[0]
-    return next(n for n in names[index:] if n in weighted)
-
-
 def transfer_rules(
-    trainable_from: str | None, alpha: float = 1.0, *, head_label: str = TRAINABLE
+    trainable_layers: Sequence[str] = (), *, head_label: str = TRAINABLE
 ) -> list[tuple[str, str]]:
-    """Freeze rules for ``TransferClassifier``: the head trains; the backbone from a layer on.
+    """Freeze rules for ``TransferClassifier``: the head trains, and the named backbone layers.
 
     Args:
-      trainable_from: first trainable backbone layer (see :func:`fine_tune_layer`), or
-        ``None`` to freeze the whole backbone (feature extraction).
-      alpha: width multiplier.
+      trainable_layers: the backbone's Keras layers that train (``Backbone.layers_from``);
+        empty to freeze the whole backbone (feature extraction).
       head_label: :data:`HEAD` gives the head its own learning rate (see
         :func:`make_optimizer`).
     """
     rules = [(r"head/.*", head_label)]
-    if trainable_from is not None:
-        names = list(keras_layer_names(alpha, include_top=False))
-        unfrozen = names[names.index(trainable_from) :]
-        rules.append((rf"backbone/({'|'.join(map(re.escape, unfrozen))})/.*", TRAINABLE))
+    if trainable_layers:
+        rules.append((rf"backbone/({'|'.join(map(re.escape, trainable_layers))})/.*", TRAINABLE))
     rules.append((r".*", FROZEN))
     return rules
 

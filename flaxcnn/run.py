@@ -1,14 +1,7 @@
 """One training run from a :class:`~flaxcnn.config.TrainConfig`: ``fit(config, workdir)``.
 
-Transfer recipe (``model='mobilenet_v2'``), after the TensorFlow transfer-learning tutorial:
-  1. ``head``: the whole backbone frozen, only the new head trains. When augmentation is off
-     for this phase (``feature_cache='auto'``: always, see README), the backbone runs once
-     over the data and the head trains on cached pooled features.
-  2. ``finetune``: the backbone from ``fine_tune_at`` on trains too, at a low learning rate.
-     Validation runs from the first trainable block on activations of the frozen ones,
-     computed once (``_validation_cache``).
-The backbone's BatchNorm stays in inference mode throughout (``TransferClassifier``).
-``model='simple_cnn'`` is one phase, ``train``, with everything trainable.
+The phases (what trains, with which optimizer, on what data) come from :mod:`flaxcnn.phases`;
+this module runs them: the epoch loop, checkpoints, resume position, signals and reports.
 
 Start-up precedence: the workdir's own latest complete checkpoint when resuming, else
 pretrained (or random) initialisation; the log says which.
@@ -18,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import logging
 import os
 import pathlib
@@ -29,17 +21,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from tqdm.auto import tqdm
 
-from flaxcnn import checkpoints, data, metrics, optim, pretrained, sharding, train
+from flaxcnn import checkpoints, data, metrics, optim, phases, pretrained, sharding, train
 from flaxcnn.config import ConfigError, TrainConfig
-from flaxcnn.models import build_model, keras_layer_names, stage_of_layer
+from flaxcnn.models import build_model
 
 log = logging.getLogger(__name__)
 FORMAT = "flaxcnn/1"
-# Host memory the validation split's frozen-stage activations may take (feature_cache='auto').
-EVAL_CACHE_MAX_BYTES = 2 * 2**30
 PLOT_EVERY_SECONDS = 30  # curves.png is redrawn at most this often within a phase
 
 
@@ -56,61 +45,20 @@ class Interrupted(RuntimeError):
     """SIGTERM/SIGINT arrived; a checkpoint was saved at the step boundary."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Phase:
-    name: str
-    epochs: int
-    learning_rate: float
-    rules: tuple[tuple[str, str], ...]
-    trainable_from: str
-    cached_features: bool
-    augment: bool
-    head_learning_rate: float | None = None  # the head's own rate (rules label it HEAD)
-
-
-def plan_phases(config: TrainConfig) -> list[Phase]:
-    """The phases a config asks for (validated: bad ``fine_tune_at`` fails before any work)."""
-    if config.model == "simple_cnn":
-        return [Phase("train", config.head_epochs, config.head_learning_rate,
-                      tuple(optim.ALL_TRAINABLE), "the input", False, config.augment)]
-    cache = config.feature_cache == "on" or (
-        config.feature_cache == "auto" and config.head_epochs != 0
-    )
-    # Cached epochs cost almost nothing, so the head trains to convergence (README).
-    head_epochs = config.head_epochs if config.head_epochs is not None else (50 if cache else 10)
-    first = optim.fine_tune_layer(config.fine_tune_at, config.alpha)
-    return [
-        Phase("head", head_epochs, config.head_learning_rate,
-              tuple(optim.transfer_rules(None)), "head", cache, config.augment and not cache),
-        Phase("finetune", config.finetune_epochs, config.finetune_learning_rate,
-              tuple(optim.transfer_rules(first, config.alpha, head_label=optim.HEAD)),
-              f"backbone/{first}", False, config.augment, config.finetune_head_learning_rate),
-    ]  # fmt: skip
-
-
 def initial_variables(config: TrainConfig, model, hw: tuple[int, int], rng) -> dict[str, Any]:
-    """Random init, or for the transfer model the pretrained backbone plus a random head.
+    """Random init, or for a backbone its pretrained weights plus a random head.
 
-    With pretrained weights only the head is initialised: compiling the random initialiser of
-    every backbone leaf, only to overwrite it, costs ~10 s on a 2-core CPU. Flax derives each
-    module's init key from its path, so the head gets the same values either way.
+    With pretrained weights only the head is initialised (``pretrained.create``): compiling
+    the random initialiser of every backbone leaf, only to overwrite it, costs ~10 s on a
+    2-core CPU; the head gets the same values either way.
     """
-    image = jnp.zeros((1, *hw, 3))
-    if config.model == "simple_cnn" or config.weights is None:
+    if config.backbone is None or config.weights is None:
         log.info("initialised from scratch (random weights)")
-        return jax.tree.map(np.asarray, jax.jit(model.init)(rng, image))
-    _, backbone = pretrained.mobilenet_v2(
-        config.alpha, hw, include_top=False, pooling="avg", weights=config.weights,
-        download=config.download,
+        return jax.tree.map(np.asarray, jax.jit(model.init)(rng, jnp.zeros((1, *hw, 3))))
+    _, variables = pretrained.create(
+        config.model, weights=config.weights, input_size=hw, num_classes=model.num_classes,
+        download=config.download, rng=rng, **config.options,
     )  # fmt: skip
-    features = jax.eval_shape(functools.partial(model.apply, method=model.features),
-                              {"params": {"backbone": backbone["params"]},
-                               "batch_stats": {"backbone": backbone["batch_stats"]}}, image)
-    head = jax.jit(functools.partial(model.init, method=model.classify_features))(
-        rng, jnp.zeros(features.shape, features.dtype))  # fmt: skip
-    variables = {"params": {**jax.tree.map(np.asarray, head["params"]),
-                            "backbone": backbone["params"]},
-                 "batch_stats": {"backbone": backbone["batch_stats"]}}  # fmt: skip
     log.info("initialised the backbone from %s weights, head at random", config.weights)
     return variables
 
@@ -174,124 +122,6 @@ class _EpochProgress:
         self.bar.close()
 
 
-@dataclasses.dataclass(frozen=True)
-class _PhaseData:
-    """Where one phase's batches come from: cached backbone features, or the image pipeline."""
-
-    dataset: data.ImageDataset
-    cache: dict[str, dict[str, np.ndarray]] | None
-    augment: bool
-    config: TrainConfig
-    common: dict
-    shard: dict
-    mesh: jax.sharding.Mesh
-    # Validation from cached features or activations (else from the images), and the step
-    # that evaluates them when it is not the phase's own (see ``_validation_cache``).
-    validation_cache: dict[str, np.ndarray] | None = None
-    validation_step: Any = None
-
-    @classmethod
-    def build(cls, phase: Phase, dataset, model, state, mesh, config, common, shard) -> _PhaseData:
-        cache = None
-        if phase.cached_features:
-            t0 = time.time()
-            cache = {split: train.extract_features(
-                model, state.variables, data.eval_batches(dataset, split, **common, **shard), mesh)
-                for split in ("train", "validation")}  # fmt: skip
-            log.info("cached %d + %d feature vectors in %.1f s", len(cache["train"]["label"]),
-                     len(cache["validation"]["label"]), time.time() - t0)  # fmt: skip
-        if cache is not None:  # the phase's own steps take features
-            validation_cache, validation_step = cache["validation"], None
-        else:
-            validation_cache, validation_step = _validation_cache(
-                phase, dataset, model, state, mesh, config, common, shard)  # fmt: skip
-        source = cls(dataset, cache, phase.augment, config, common, shard, mesh,
-                     validation_cache, validation_step)  # fmt: skip
-        if source.n_batches == 0:
-            raise data.DataError(f"the train split has fewer examples than --batch-size "
-                                 f"{config.batch_size}; lower --batch-size")  # fmt: skip
-        return source
-
-    @property
-    def n_batches(self) -> int:
-        if self.cache is not None:
-            return len(self.cache["train"]["label"]) // self.config.batch_size
-        return data.num_batches(self.dataset, "train", self.config.batch_size,
-                                drop_remainder=True)  # fmt: skip
-
-    def evaluate(self, steps: train.StepFns, variables) -> dict[str, float]:
-        """Validation metrics, from the phase's validation cache if it has one."""
-        if self.validation_cache is None:
-            batches = data.eval_batches(self.dataset, "validation", **self.common, **self.shard)
-        else:
-            batches = train.feature_batches(self.validation_cache, self.config.batch_size,
-                                            seed=None, **self.shard)  # fmt: skip
-        if self.validation_step is not None:
-            steps = dataclasses.replace(steps, evaluate=self.validation_step)
-        return train.evaluate(steps, variables, batches, self.mesh)
-
-    def run_epoch(self, steps, state, epoch: int, start_batch: int, partial, progress):
-        """Trains one epoch from ``start_batch`` on (``partial``: the sums before it)."""
-        seed = self.config.seed
-        if self.cache is not None:  # in memory: whole chunks of steps per call (lax.scan)
-            batches = train.feature_batches(self.cache["train"], self.config.batch_size,
-                                            seed=seed, epoch=epoch, start_batch=start_batch,
-                                            **self.shard)  # fmt: skip
-            carried = None if partial is None else _as_sums(partial)
-            state, sums = train.run_epoch_in_memory(
-                steps, state, batches, self.mesh, initial_sums=carried, on_step=progress
-            )
-        else:
-            batches = data.train_batches(self.dataset, **self.common, augment=self.augment,
-                                         seed=seed, epoch=epoch, start_batch=start_batch,
-                                         **self.shard)  # fmt: skip
-            state, sums = train.run_epoch(_continuing(steps, partial), state, batches, self.mesh,
-                                          on_step=progress)  # fmt: skip
-        if sums is None:  # resumed after the epoch's last batch (older checkpoints)
-            sums = _as_sums(partial)
-        return state, sums
-
-
-def _validation_cache(phase: Phase, dataset, model, state, mesh, config, common, shard):
-    """The validation split's activations entering the first stage that trains, computed once.
-
-    The stages below it are frozen, with BatchNorm on running averages, and validation images
-    are never augmented, so their output on the validation split cannot change during the
-    phase; each epoch's evaluation then runs only the stages that train (results equal up to
-    float rounding). With MobileNetV2 fine-tuned from layer 100 on a 2-core CPU an epoch's
-    evaluation takes ~2 s instead of ~10 s. Off with ``feature_cache='off'``; with ``'auto'``
-    only when the activations fit ``EVAL_CACHE_MAX_BYTES``. Returns ``(cache, eval_step)``,
-    or Nones where nothing below the trainable part is frozen in the backbone (SimpleCNN,
-    fine-tuning from the stem; the head phase caches its pooled features itself).
-    """
-    if config.feature_cache == "off" or not phase.trainable_from.startswith("backbone/"):
-        return None, None
-    first = phase.trainable_from.removeprefix("backbone/")
-    stage = stage_of_layer(first)
-    if stage == 0:
-        return None, None
-    image = jnp.zeros((1, config.image_size, config.image_size, 3))
-    shape = jax.eval_shape(functools.partial(model.apply, method=model.features, stop=stage),
-                           state.variables, image).shape[1:]  # fmt: skip
-    n = dataset.split_sizes["validation"]
-    nbytes = n * int(np.prod(shape)) * 4
-    if config.feature_cache == "auto" and nbytes > EVAL_CACHE_MAX_BYTES:
-        log.info("validation activations at %s would take %.1f GB: evaluating from the images",
-                 first, nbytes / 1e9)  # fmt: skip
-        return None, None
-    t0 = time.time()
-    cache = train.extract_features(
-        model, state.variables, data.eval_batches(dataset, "validation", **common, **shard),
-        mesh, stop=stage)  # fmt: skip
-    entry = next(name for name in keras_layer_names(config.alpha)
-                 if name != "input_1" and stage_of_layer(name) == stage)  # fmt: skip
-    log.info("cached the validation activations entering %s (%d x %s, %.0f MB) in %.1f s; "
-             "evaluation runs from there (training starts at %s)", entry, n,
-             "x".join(map(str, shape)), nbytes / 1e6, time.time() - t0, first)  # fmt: skip
-    from_stage = lambda v, x, **kw: model.apply(v, x, start=stage, **kw)
-    return cache, train.make_eval_step(from_stage, mesh, input_key="features")
-
-
 class _Bookkeeping:
     """What ``fit`` keeps across epochs: history, best accuracy, checkpoint and plot timers.
 
@@ -329,21 +159,25 @@ class _Bookkeeping:
         )
 
     def end_epoch(
-        self, state, epoch: int, phase: Phase, train_metrics: dict, val: dict, seconds: float,
-        *, improved: bool, last: bool, position: dict,
+        self, state, epoch: int, phase: phases.PhaseSetup, train_metrics: dict, val: dict,
+        seconds: float, *, improved: bool, last: bool, position: dict,
     ) -> None:  # fmt: skip
-        """Records the epoch, saves when due, writes the reports; raises on a signal."""
+        """Records the epoch, saves when due, writes the reports; raises on a signal.
+
+        The learning rates recorded are those of the epoch's last step (the schedules decay
+        within a phase; the phase's peak is in the config).
+        """
+        step = int(state.step)
         record = {
-            "epoch": epoch, "phase": phase.name,
+            "epoch": epoch, "phase": phase.phase.name,
             "train_loss": train_metrics["loss"], "train_accuracy": train_metrics["accuracy"],
             "val_loss": val["loss"], "val_accuracy": val["accuracy"],
-            "learning_rate": phase.learning_rate, "epoch_seconds": round(seconds, 3),
+            **phase.learning_rates(step - 1), "epoch_seconds": round(seconds, 3),
             "wall_seconds": round(time.time() - self.run_start, 3),
             "images_per_second": round(train_metrics["count"] / max(seconds, 1e-9), 1),
         }  # fmt: skip
         self.history.append(record)
         self.best_accuracy = max(self.best_accuracy, val["accuracy"])
-        step = int(state.step)
         host_variables = metrics.check_finite_params(state.variables, step, epoch)
         meta = {**position, "history": self.history, "partial": None,
                 "val_accuracy": val["accuracy"]}  # fmt: skip
@@ -353,7 +187,7 @@ class _Bookkeeping:
         if last or self.received or due:
             self._save(state, meta)
         log.info("epoch %d [%s] train loss %.4f acc %.4f | val loss %.4f acc %.4f | "
-                 "%.1f s, %.0f img/s", epoch, phase.name, record["train_loss"],
+                 "%.1f s, %.0f img/s", epoch, phase.phase.name, record["train_loss"],
                  record["train_accuracy"], record["val_loss"], record["val_accuracy"],
                  seconds, record["images_per_second"])  # fmt: skip
         if self.is_main:
@@ -396,10 +230,11 @@ def _fit(config: TrainConfig, workdir, resume: bool, stores: list) -> FitResult:
     is_main = jax.process_index() == 0
     # Everything that can reject the run (phases, batch size, data, weights) comes before
     # the first write into the workdir, so that a bad setting leaves nothing behind.
-    phases = plan_phases(config)
+    config = config.resolved()
+    plan = phases.plan(config)
     mesh = sharding.make_mesh()
     sharding.check_batch_size(config.batch_size, mesh)
-    preprocessing = "tf" if config.model == "mobilenet_v2" else "unit"
+    preprocessing = config.backbone.preprocessing if config.backbone else "unit"
     try:
         dataset = data.open_dataset(config.data, data_dir=config.data_dir,
                                     download=config.download,
@@ -424,13 +259,16 @@ def _fit(config: TrainConfig, workdir, resume: bool, stores: list) -> FitResult:
         "data": dataset.name, "config": dataclasses.asdict(config),
     }  # fmt: skip
     shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    common = dict(batch_size=config.batch_size, image_size=hw, preprocessing=preprocessing)
+    pipeline = dict(batch_size=config.batch_size, image_size=hw, preprocessing=preprocessing)
     rng = jax.random.PRNGKey(config.seed)
     latest_dir = workdir / checkpoints.LATEST_DIR
     steps_per_epoch = data.num_batches(dataset, "train", config.batch_size, drop_remainder=True)
 
-    start, state, variables = _starting_point(config, model, phases, hw, rng, latest_dir, mesh,
-                                              steps_per_epoch, resume)  # fmt: skip
+    abstract = jax.eval_shape(model.init, rng, jnp.zeros((1, *hw, 3)))
+    setups = [phases.setup(phase, abstract["params"], model, mesh, config, steps_per_epoch)
+              for phase in plan]  # fmt: skip
+    start, state, variables = _starting_point(config, model, setups, abstract, hw, rng,
+                                              latest_dir, mesh, resume)  # fmt: skip
     workdir.mkdir(parents=True, exist_ok=True)
     if is_main:
         config.save(workdir / "config.json")
@@ -440,7 +278,7 @@ def _fit(config: TrainConfig, workdir, resume: bool, stores: list) -> FitResult:
     book = _Bookkeeping(workdir, store, is_main, config, list(start["history"]))
     with _stop_on_signals() as received:
         book.received = received
-        for phase_index, phase in enumerate(phases):
+        for phase_index, (phase, setup) in enumerate(zip(plan, setups, strict=True)):
             if phase_index < start["phase_index"] or (
                 phase_index == start["phase_index"] and start["phase_complete"]
             ) or phase.epochs == 0:
@@ -448,12 +286,14 @@ def _fit(config: TrainConfig, workdir, resume: bool, stores: list) -> FitResult:
             resuming_here = phase_index == start["phase_index"] and state is not None
             if not resuming_here:
                 step = int(state.step) if state is not None else 0
-                state = _phase_state(phase, variables, jax.random.fold_in(rng, 2), config, step,
-                                     steps_per_epoch)  # fmt: skip
+                state = setup.initial_state(variables, jax.random.fold_in(rng, 2), step)
                 # On the mesh before step 1, or step 2 (fed step 1's output) compiles again.
                 state = sharding.replicate(state, mesh)
-            steps = _phase_steps(phase, state.params, model, mesh, config)
-            source = _PhaseData.build(phase, dataset, model, state, mesh, config, common, shard)
+            steps = setup.steps
+            log.info("%s", setup.describe(state.params, bool(state.batch_stats),
+                                          config.backbone is None))  # fmt: skip
+            source = phases.PhaseData.build(phase, dataset, model, state, mesh, config, pipeline,
+                                            shard)  # fmt: skip
 
             first_epoch_in_phase = start["epoch_in_phase"] if resuming_here else 0
             epoch_offset = (start["epoch"] - first_epoch_in_phase) if resuming_here else (
@@ -485,7 +325,7 @@ def _fit(config: TrainConfig, workdir, resume: bool, stores: list) -> FitResult:
                 stale = 0 if improved else stale + 1
                 last = epoch_in_phase + 1 == phase.epochs or bool(
                     config.early_stopping_patience and stale >= config.early_stopping_patience)
-                book.end_epoch(state, epoch, phase, train_metrics, val, time.time() - t_epoch,
+                book.end_epoch(state, epoch, setup, train_metrics, val, time.time() - t_epoch,
                                improved=improved, last=last, position={
                                    **position, "epoch": epoch, "epoch_in_phase": epoch_in_phase + 1,
                                    "batch": 0, "phase_complete": last})  # fmt: skip
@@ -499,13 +339,13 @@ def _fit(config: TrainConfig, workdir, resume: bool, stores: list) -> FitResult:
 
     history, best_accuracy = book.history, book.best_accuracy
     summary = {"best_val_accuracy": best_accuracy, "class_names": list(dataset.class_names),
-               "phases": [p.name for p in phases]}  # fmt: skip
+               "phases": [p.name for p in plan]}  # fmt: skip
     if "test" in dataset.split_sizes and state is not None:
         eval_steps = train.make_steps(model.apply, train.frozen_tree(
             optim.path_labels(state.params, optim.ALL_TRAINABLE)), mesh,
             update_batch_stats=False)  # fmt: skip
         summary["test"] = train.evaluate(eval_steps, state.variables,
-                                         data.eval_batches(dataset, "test", **common, **shard),
+                                         data.eval_batches(dataset, "test", **pipeline, **shard),
                                          mesh)  # fmt: skip
         log.info("test: loss %.4f acc %.4f on %d images", summary["test"]["loss"],
                  summary["test"]["accuracy"], summary["test"]["count"])  # fmt: skip
@@ -515,18 +355,16 @@ def _fit(config: TrainConfig, workdir, resume: bool, stores: list) -> FitResult:
     return FitResult({"epochs": history, **summary}, model, state)
 
 
-def _starting_point(config: TrainConfig, model, phases: list[Phase], hw, rng, latest_dir,
-                    mesh, steps_per_epoch: int, resume: bool):  # fmt: skip
+def _starting_point(config: TrainConfig, model, setups: list[phases.PhaseSetup], abstract, hw,
+                    rng, latest_dir, mesh, resume: bool):  # fmt: skip
     """Where the run starts: the workdir's own latest checkpoint when resuming, else the
     pretrained (or random) initialisation. Returns ``(position, state or None, variables)``."""
     start = {"phase_index": 0, "epoch": 0, "epoch_in_phase": 0, "batch": 0,
              "phase_complete": False, "history": [], "partial": None}  # fmt: skip
     variables = state = None
     if resume and checkpoints.complete_steps(latest_dir):
-        abstract_vars = jax.eval_shape(lambda: model.init(rng, jnp.zeros((1, *hw, 3))))
-        abstract_vars = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract_vars)
-        template_for = lambda meta: _phase_state(phases[meta["phase_index"]], abstract_vars,
-                                                 rng, config, 0, steps_per_epoch)  # fmt: skip
+        zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract)
+        template_for = lambda meta: setups[meta["phase_index"]].initial_state(zeros, rng)
         restored = checkpoints.restore_latest_state(latest_dir, template_for, mesh)
         if restored is not None:
             state, metadata = restored
@@ -543,51 +381,6 @@ def _starting_point(config: TrainConfig, model, phases: list[Phase], hw, rng, la
     return start, state, variables
 
 
-def _phase_steps(phase: Phase, params, model, mesh, config: TrainConfig) -> train.StepFns:
-    """Compiles the phase's steps (on cached features: the head alone) and logs the line
-    each phase starts with."""
-    labels = optim.path_labels(params, phase.rules)
-    apply_fn = (
-        (lambda v, x, **kw: model.apply(v, x, method=model.classify_features, **kw))
-        if phase.cached_features else model.apply
-    )  # fmt: skip
-    input_key = "features" if phase.cached_features else "image"
-    steps = train.make_steps(apply_fn, train.frozen_tree(labels), mesh,
-                             update_batch_stats=config.model == "simple_cnn",
-                             input_key=input_key)  # fmt: skip
-    bn_mode = ("trains (batch statistics)" if config.model == "simple_cnn" else
-               "of the backbone in inference mode (running averages, never updated)")
-    extra = ", features cached (one backbone pass)" if phase.cached_features else ""
-    extra += ", augmentation on" if phase.augment else ", augmentation off"
-    counts = optim.count_by_label(params, labels)
-    log.info("%s", train.describe_phase(phase.name, counts, phase.trainable_from, bn_mode,
-                                        phase.learning_rate, extra,
-                                        phase.head_learning_rate))  # fmt: skip
-    return steps
-
-
-def _as_sums(partial: dict[str, float]) -> dict[str, jax.Array]:
-    return {k: jnp.asarray(v, jnp.float32) for k, v in partial.items()}
-
-
-def _continuing(steps: train.StepFns, partial: dict[str, float] | None) -> train.StepFns:
-    """Steps whose first call adds the interrupted epoch's ``partial`` sums to its own.
-
-    ``run_epoch`` then accumulates ``((b0 + b1) + b2) + ...`` in the same order as an
-    uninterrupted epoch, so the epoch's metrics are bit-identical (float addition is not
-    associative: adding the partial sums at the end would differ in the last bits).
-    """
-    if partial is None:
-        return steps
-    pending = [_as_sums(partial)]
-
-    def train_step(state, batch):
-        state, sums = steps.train(state, batch)
-        return state, (metrics.add_sums(pending.pop(), sums) if pending else sums)
-
-    return dataclasses.replace(steps, train=train_step)
-
-
 def _stale_epochs(history: list[dict], phase_name: str) -> int:
     """Epochs of ``phase_name`` since its last validation improvement, replayed from the
     history, so that early stopping counts the same across a resume."""
@@ -598,25 +391,3 @@ def _stale_epochs(history: list[dict], phase_name: str) -> int:
         if record["phase"] == phase_name:
             stale = 0 if improved else stale + 1
     return stale
-
-
-def _phase_schedule(
-    rate: float, phase: Phase, config: TrainConfig, steps_per_epoch: int
-) -> optax.Schedule:
-    """A learning rate over a phase: cosine decay from ``rate`` to 0, or constant."""
-    if config.lr_schedule == "constant":
-        return optax.constant_schedule(rate)
-    return optax.cosine_decay_schedule(rate, max(phase.epochs * steps_per_epoch, 1))
-
-
-def _phase_state(
-    phase: Phase, variables, rng, config: TrainConfig, step: int, steps_per_epoch: int
-) -> train.TrainState:
-    labels = optim.path_labels(variables["params"], phase.rules)
-    schedule = lambda rate: (
-        None if rate is None else _phase_schedule(rate, phase, config, steps_per_epoch)
-    )
-    tx = optim.make_optimizer(schedule(phase.learning_rate), labels,
-                              weight_decay=config.weight_decay,
-                              head_learning_rate=schedule(phase.head_learning_rate))  # fmt: skip
-    return train.TrainState.create(variables, tx, rng, step=step)

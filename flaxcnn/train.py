@@ -1,9 +1,9 @@
-"""The training engine: TrainState, pure jitted steps, and ``fit(config, workdir)``.
+"""The training engine: TrainState, pure jitted steps, epochs over batches, feature caches.
 
 Data flow: ``data`` (numpy batches) -> ``sharding.to_global`` -> jitted ``train_step``
-(``TrainState -> TrainState``, metric sums) -> ``metrics`` / ``checkpoints``. The same engine
-runs the two-phase transfer recipe (feature extraction, then fine-tuning) and SimpleCNN
-training from scratch (one phase, everything trainable).
+(``TrainState -> TrainState``, metric sums) -> ``metrics`` / ``checkpoints``. The same steps
+run every phase (``flaxcnn.phases``): a head on cached features, fine-tuning, or a model
+trained from scratch.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -324,40 +323,3 @@ def feature_batches(
         if seed is None:
             out["mask"] = mask[mine]
         yield out
-
-
-def describe_phase(
-    name: str,
-    counts: Mapping[str, int],
-    trainable_from: str,
-    bn_mode: str,
-    lr: float,
-    extra: str,
-    head_lr: float | None = None,
-) -> str:
-    """The one line each phase starts with (``head_lr``: the head's own rate, if it has one)."""
-    head = f" (head {head_lr:g})" if head_lr is not None else ""
-    return (
-        f"phase {name}: {counts[optim.TRAINABLE]:,} trainable / {counts[optim.FROZEN]:,} frozen "
-        f"parameters; trainable from {trainable_from}; BatchNorm {bn_mode}; "
-        f"learning rate {lr:g}{head}{extra}"
-    )
-
-
-def timed_compile(jitted: Callable, *args) -> tuple[Callable, float]:
-    """AOT-compiles ``jitted`` for ``args`` so compile time is reported apart from step time."""
-    start = time.perf_counter()
-    compiled = jitted.lower(*args).compile()
-    return compiled, time.perf_counter() - start
-
-
-def warn_if_unscaled(images: np.ndarray, preprocessing: str) -> None:
-    """Warns when a batch looks like raw 0..255 pixels going into a [-1, 1] / [0, 1] model."""
-    if images.size and float(np.max(images)) > 2.0:
-        log.warning(
-            "input batch has values up to %.0f but the model expects %s inputs; "
-            "scale images with flaxcnn.data.scale_images(images, %r)",
-            float(np.max(images)),
-            "[-1, 1]" if preprocessing == "tf" else "[0, 1]",
-            preprocessing,
-        )

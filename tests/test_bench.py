@@ -13,14 +13,15 @@ import pytest
 
 from flaxcnn import bench, data, optim, sharding, train
 from flaxcnn.config import TrainConfig
-from flaxcnn.models import build_model, keras_layer_names, random_variables
+from flaxcnn.models import build_model, get_backbone, random_variables
 
-KERAS_LAYERS = list(keras_layer_names(1.0, include_top=False))
+MOBILENET_V2 = get_backbone("mobilenet_v2")
+KERAS_LAYERS = list(MOBILENET_V2.layer_names())
 
 
 def _backward_layers(row: str) -> set[str]:
     step = bench.build_step(row, 2, 32, conv_impl="auto")
-    counts, layers = bench.backward_ops_by_layer(step.compiled.as_text())
+    counts, layers = bench.backward_ops_by_layer(step.compiled.as_text(), KERAS_LAYERS)
     assert counts["forward", "dot"] + counts["forward", "convolution"] > 0  # the parser sees ops
     return layers
 
@@ -31,7 +32,7 @@ def test_head_step_differentiates_only_the_head():
 
 def test_fine_tune_step_differentiates_only_layers_from_fine_tune_at():
     layers = _backward_layers("finetune")
-    first = KERAS_LAYERS.index(optim.fine_tune_layer("100"))  # block_11_depthwise
+    first = KERAS_LAYERS.index(MOBILENET_V2.fine_tune_layer("100"))  # block_11_depthwise
     known = {n for n in layers if n in KERAS_LAYERS}
     assert {"head", "block_16_project", "block_11_depthwise"} <= layers
     assert min(KERAS_LAYERS.index(n) for n in known) == first, sorted(known)
@@ -44,10 +45,10 @@ def test_full_step_differentiates_the_stem():
 
 def test_head_on_cached_features_equals_head_on_images(tiny_cats_vs_dogs):
     """Feature caching changes where the backbone runs, not the result (float rounding)."""
-    config = TrainConfig(alpha=0.35, weights=None, image_size=32, batch_size=4)
+    config = TrainConfig(model_options={"alpha": 0.35}, weights=None, image_size=32, batch_size=4)
     model = build_model(config.model_config(2), conv_impl="lax")
     variables = random_variables(model, (1, 32, 32, 3))  # host copies: each run donates
-    labels = optim.path_labels(variables["params"], optim.transfer_rules(None))
+    labels = optim.path_labels(variables["params"], optim.transfer_rules())
     mesh = sharding.make_mesh()
     dataset = data.open_dataset(str(tiny_cats_vs_dogs))
     common = dict(batch_size=4, image_size=(32, 32), preprocessing="tf", seed=0, epoch=0)
@@ -85,8 +86,11 @@ def test_bench_cli_prints_backend_and_table():
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"({jax.default_backend()} backend)" in done.stdout
-    rows = [line for line in done.stdout.splitlines() if line.startswith("| head_cached | 4 |")]
-    assert rows and float(rows[-1].split("|")[4]) > 0  # img/s
+    lines = done.stdout.splitlines()
+    rows = [line for line in lines if line.startswith("| mobilenet_v2 | head_cached | 4 |")]
+    assert len(rows) == 1 and float(rows[0].split("|")[5]) > 0  # img/s, printed once
+    assert sum(line.startswith("| model | row |") for line in lines) == 1  # one table
+    assert any(line.startswith("| simple_cnn | simple_cnn | 4 | 32 |") for line in lines)
 
 
 def test_bench_rejects_unknown_rows():

@@ -63,7 +63,8 @@ def test_fit_checkpoints_restore_to_the_in_memory_model(tiny_cats_vs_dogs, tmp_p
     from flaxcnn.run import fit
 
     config = TrainConfig(
-        data=str(tiny_cats_vs_dogs), download=False, alpha=0.35, weights=None, image_size=32,
+        data=str(tiny_cats_vs_dogs), download=False, model_options={"alpha": 0.35},
+        weights=None, image_size=32,
         batch_size=8, head_epochs=1, finetune_epochs=1, fine_tune_at="Conv_1", conv_impl="lax",
     )  # fmt: skip
     result = fit(config, tmp_path / "run")

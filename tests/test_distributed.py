@@ -39,7 +39,8 @@ import pytest
 
 from flaxcnn import checkpoints, data, metrics, optim, sharding, train
 from flaxcnn.config import TrainConfig
-from flaxcnn.models import MobileNetV2, build_model
+from flaxcnn.models import build_model, get_backbone
+from flaxcnn.models.mobilenet_v2 import MobileNetV2
 
 SIZE = 32
 TOLERANCE = 1e-5
@@ -55,7 +56,8 @@ REPO_ROOT = SCRIPT.parent.parent
 def _config(data_dir, **changes) -> TrainConfig:
     """Head phase only (cached features): the multi-process run stays a few seconds of work."""
     return TrainConfig(
-        data=str(data_dir), download=False, alpha=0.35, weights=None, image_size=SIZE,
+        data=str(data_dir), download=False, model_options={"alpha": 0.35}, weights=None,
+        image_size=SIZE,
         batch_size=8, head_epochs=3, finetune_epochs=0, fine_tune_at="block_16",
         head_learning_rate=1e-2, keep_checkpoints=5, conv_impl="lax", checkpoint_every_seconds=0,
     ).replace(**changes)  # fmt: skip
@@ -228,10 +230,12 @@ def _parity_worker(out_path: str) -> None:
          "label": rng.integers(0, 3, 8).astype(np.int32)} for _ in range(2)
     ]  # fmt: skip
     head_apply = lambda v, x, **kw: transfer.apply(v, x, method=transfer.classify_features, **kw)
-    compare("head", {k: _train(head_apply, variables, optim.transfer_rules(None), m,
+    compare("head", {k: _train(head_apply, variables, optim.transfer_rules(), m,
                                feature_batches, update_batch_stats=False, input_key="features")
                      for k, m in meshes.items()})  # fmt: skip
-    rules = optim.transfer_rules(optim.fine_tune_layer("block_16", 0.35), 0.35)
+    backbone = get_backbone("mobilenet_v2")
+    first = backbone.fine_tune_layer("block_16", alpha=0.35)
+    rules = optim.transfer_rules(backbone.layers_from(first, alpha=0.35))
     finetune = {k: _train(transfer.apply, variables, rules, m, images, update_batch_stats=False)
                 for k, m in meshes.items()}  # fmt: skip
     compare("finetune", finetune)

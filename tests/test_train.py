@@ -11,14 +11,15 @@ from flax import traverse_util
 
 from flaxcnn import checkpoints, data, optim, sharding, train
 from flaxcnn.config import TrainConfig
-from flaxcnn.models import build_model, random_variables
+from flaxcnn.models import build_model, get_backbone, random_variables
 from flaxcnn.run import fit
 
 SIZE = 32
+MOBILENET_V2 = get_backbone("mobilenet_v2")
 
 
 def _transfer_model():
-    config = TrainConfig(alpha=0.35, weights=None, image_size=SIZE)
+    config = TrainConfig(model_options={"alpha": 0.35}, weights=None, image_size=SIZE)
     # 'lax' convs compile twice as fast; both formulations are checked against Keras elsewhere.
     model = build_model(config.model_config(3), conv_impl="lax")
     return model, random_variables(model, (1, SIZE, SIZE, 3))
@@ -38,7 +39,8 @@ def _batch(seed, n=8):
 )
 def test_frozen_leaves_are_bit_identical_and_trainable_ones_move(trainable_from, weight_decay):
     model, variables = _transfer_model()
-    rules = optim.transfer_rules(trainable_from, alpha=0.35)
+    trainable = MOBILENET_V2.layers_from(trainable_from, alpha=0.35) if trainable_from else ()
+    rules = optim.transfer_rules(trainable)
     labels = optim.path_labels(variables["params"], rules)
     tx = optim.make_optimizer(1e-2, labels, weight_decay=weight_decay)
     state = train.TrainState.create(variables, tx, jax.random.PRNGKey(1))
@@ -72,7 +74,8 @@ def test_fine_tuning_moves_the_head_at_its_own_learning_rate():
     """Adam's first step moves each leaf by about its learning rate (|m / sqrt(v)| = 1), so
     the largest change per group shows which rate it got."""
     model, variables = _transfer_model()
-    rules = optim.transfer_rules("block_14_expand", alpha=0.35, head_label=optim.HEAD)
+    rules = optim.transfer_rules(MOBILENET_V2.layers_from("block_14_expand", alpha=0.35),
+                                 head_label=optim.HEAD)  # fmt: skip
     labels = optim.path_labels(variables["params"], rules)
     with pytest.raises(ValueError, match="no head_learning_rate"):
         optim.make_optimizer(1e-4, labels)
@@ -98,14 +101,16 @@ def test_fine_tuning_moves_the_head_at_its_own_learning_rate():
 
 
 def test_fine_tune_at_resolves_keras_index_and_names():
-    assert optim.fine_tune_layer("100") == "block_11_depthwise"  # layer 100 is a ReLU
-    assert optim.fine_tune_layer(1) == "Conv1"
-    assert optim.fine_tune_layer("block_11") == "block_11_expand"
-    assert optim.fine_tune_layer("Conv_1") == "Conv_1"
-    with pytest.raises(ValueError, match="out of range"):
-        optim.fine_tune_layer("154")
+    fine_tune_layer = MOBILENET_V2.fine_tune_layer
+    assert fine_tune_layer("100") == "block_11_depthwise"  # layer 100 is a ReLU
+    assert fine_tune_layer(1) == "Conv1"
+    assert fine_tune_layer("block_11") == "block_11_expand"
+    assert fine_tune_layer("block_1") == "block_1_expand"  # not block_10..16
+    assert fine_tune_layer("Conv_1") == "Conv_1"
+    with pytest.raises(ValueError, match=r"out of range; MobileNetV2 has Keras layers 1\.\.153"):
+        fine_tune_layer("154")
     with pytest.raises(ValueError, match="names no MobileNetV2 layer"):
-        optim.fine_tune_layer("block_99")
+        fine_tune_layer("block_99")
 
 
 def test_every_parameter_must_match_a_rule():
@@ -151,7 +156,8 @@ def test_feature_batches_cover_each_example_once_when_evaluating():
 
 def _tiny_config(data_dir, **changes):
     return TrainConfig(
-        data=str(data_dir), download=False, alpha=0.35, weights=None, image_size=SIZE,
+        data=str(data_dir), download=False, model_options={"alpha": 0.35}, weights=None,
+        image_size=SIZE,
         batch_size=8, head_epochs=2, finetune_epochs=1, fine_tune_at="block_15",
         head_learning_rate=1e-2, finetune_learning_rate=1e-3, keep_checkpoints=5,
         checkpoint_every_seconds=0,
@@ -176,7 +182,7 @@ def test_resume_from_mid_run_checkpoint_reaches_identical_results(
         full = fit(config, tmp_path / "full")
     assert [h["phase"] for h in full.summary["epochs"]] == ["head", "head", "finetune"]
     assert [h["epoch"] for h in full.summary["epochs"]] == [1, 2, 3]
-    assert "cached the validation activations entering block_15_expand" in caplog.text
+    assert "cached the validation activations entering block_15 " in caplog.text
     mesh = sharding.make_mesh()
     steps = train.make_steps(full.model.apply, None, mesh, update_batch_stats=False)
     dataset = data.open_dataset(str(tiny_cats_vs_dogs), download=False)

@@ -23,22 +23,26 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxcnn import checkpoints, pretrained
-from flaxcnn.models import ALPHAS, MobileNetV2
+from flaxcnn import checkpoints, models, pretrained
+from flaxcnn.models.mobilenet_v2 import ALPHAS, MobileNetV2
 from flaxcnn.weights import (
     CACHE_ENV,
-    SPECS,
     WEIGHTS_ENV,
+    PretrainedSpec,
     WeightsError,
     fetch,
-    find_spec,
     load_keras_h5,
     merge_variables,
     read_keras_h5,
+    registry,
     resolve,
 )
 from flaxcnn.weights.__main__ import infer_model_config, main
 
+MOBILENET_V2 = models.get_backbone("mobilenet_v2")
+SPECS = MOBILENET_V2.weights
+find_spec = lambda alpha, size, include_top: MOBILENET_V2.find_weights(size, include_top,
+                                                                        alpha=alpha)  # fmt: skip
 SHARED_SPEC = find_spec(1.0, 224, include_top=False)
 UNREACHABLE_URLS = ["file:///nonexistent/x.h5", "http://127.0.0.1:9/x.h5", "not-a-url"]
 
@@ -82,7 +86,8 @@ def _one_line(message: str) -> str:
 )
 def test_find_spec_picks_nearest_published_resolution(alpha, size, resolution):
     spec = find_spec(alpha, size, include_top=True)
-    assert (spec.alpha, spec.resolution, spec.include_top) == (float(alpha), resolution, True)
+    assert (spec.options, spec.input_size, spec.include_top) == (
+        (("alpha", float(alpha)),), resolution, True)  # fmt: skip
 
 
 def test_filenames_and_urls_follow_keras():
@@ -93,20 +98,50 @@ def test_filenames_and_urls_follow_keras():
     top = find_spec(0.35, 96, include_top=True)
     assert top.filename == "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_96.h5"
     assert top.url == base + top.filename
-    assert top.name == "mobilenet_v2_0.35_96.imagenet"
+    assert top.name == "mobilenet_v2_alpha0.35_96.imagenet"
     # 4 alphas x 5 sizes + 2 alphas x 1 size, each with and without the top; no duplicates.
     assert len(SPECS) == len({s.filename for s in SPECS}) == 44
-    assert {s.alpha for s in SPECS} == set(ALPHAS)
-    assert all(s.preprocessing == "tf" and s.license == "Apache-2.0" for s in SPECS)
+    assert {dict(s.options)["alpha"] for s in SPECS} == set(ALPHAS)
+    assert all(s.license == "Apache-2.0" and s.file_hash is None for s in SPECS)
+    assert MOBILENET_V2.preprocessing == "tf"
 
 
 def test_unpublished_alpha_lists_valid_ones():
-    with pytest.raises(ValueError, match=r"no ImageNet weights are published for alpha=0\.6") as e:
+    with pytest.raises(ValueError, match=r"alpha=0\.6 is not supported by mobilenet_v2") as e:
         find_spec(0.6, 224, include_top=False)
     message = _one_line(str(e.value))
+    assert "allowed: 1.0, 0.35, 0.5, 0.75, 1.3, 1.4" in message
+    specs = [s for s in SPECS if s.input_size == 224]  # 1.3 exists at 224 only
+    with pytest.raises(ValueError, match="no ImageNet weights are published") as e:
+        registry.find_spec(specs, input_size=224, include_top=False, options={"alpha": 0.6})
+    message = _one_line(str(e.value))
     for alpha in ALPHAS:
-        assert f"alpha={alpha} at" in message
-    assert "alpha=1.3 at 224," in message
+        assert f"alpha={alpha} at 224" in message
+
+
+def _keras_sources() -> str:
+    import tf_keras
+
+    root = pathlib.Path(tf_keras.__file__).parent / "src" / "applications"
+    return "\n".join(p.read_text() for p in sorted(root.glob("*.py")))
+
+
+def test_every_registered_file_is_one_keras_publishes_with_its_hash():
+    """Each file name and hash appears verbatim in Keras's own application sources, and
+    every family whose Keras module publishes hashes has one on every file."""
+    sources = _keras_sources()
+    specs = [spec for backbone in models.BACKBONES.values() for spec in backbone.weights]
+    assert len({s.filename for s in specs}) == len(specs)  # one spec per file
+    for spec in specs:
+        # Keras builds file names from parts; its download folder and hashes are verbatim.
+        folder = spec.url.rsplit("/", 1)[0]
+        assert folder.startswith("https://storage.googleapis.com/"), spec.url
+        assert folder in sources or folder + "/" in sources, spec.url
+        assert spec.file_hash is None or spec.file_hash in sources, spec.name
+    hashed = {s.model for s in specs if s.file_hash}
+    for backbone in models.BACKBONES.values():
+        if backbone.name in hashed:
+            assert all(s.file_hash for s in backbone.weights), backbone.name
 
 
 # --- cache.fetch ------------------------------------------------------------------------
@@ -172,6 +207,33 @@ def test_fetch_over_http(tmp_path, shared_weights, server):
     base, _ = server
     path = fetch(SHARED_SPEC, tmp_path, url=f"{base}/weights.h5")
     assert _sha256(path) == _sha256(shared_weights)
+    assert path.stat().st_mode & 0o777 == 0o644  # a shared cache: readable by everyone
+
+
+@pytest.mark.parametrize("algorithm", ["md5", "sha256"])
+def test_published_hash_is_checked_on_download_and_in_the_cache(tmp_path, shared_weights,
+                                                                server, algorithm):  # fmt: skip
+    """A file whose digest differs from the published one never lands in the cache, and a
+    cached file that stops matching is replaced (the check Keras's ``get_file`` does)."""
+    base, _ = server
+    digest = hashlib.new(algorithm, shared_weights.read_bytes()).hexdigest()
+    spec = PretrainedSpec("mobilenet_v2", f"{base}/weights.h5", 224, False, file_hash=digest)
+    assert spec.hash_algorithm == algorithm
+    path = fetch(spec, tmp_path)
+    assert _sha256(path) == _sha256(shared_weights)
+
+    wrong = digest[::-1]
+    bad = PretrainedSpec("mobilenet_v2", f"{base}/weights.h5", 224, False, file_hash=wrong)
+    with pytest.raises(WeightsError) as error:
+        fetch(bad, tmp_path / "other")
+    message = _one_line(str(error.value))
+    assert f"{algorithm} {digest} != the published {wrong}" in message
+    assert not (tmp_path / "other" / bad.filename).exists() and _leftovers(tmp_path / "other") == []
+    # The cached, valid-HDF5 file no longer matches what is published: fetched again.
+    path.write_bytes(path.read_bytes()[:-1] + b"\0")
+    assert _sha256(fetch(spec, tmp_path)) == _sha256(shared_weights)
+    with pytest.raises(ValueError, match=r"32 \(MD5\) or 64 \(SHA-256\) digits"):
+        PretrainedSpec("mobilenet_v2", f"{base}/weights.h5", 224, False, file_hash="abc")
 
 
 @pytest.mark.parametrize("corruption", ["truncated", "last_byte_missing", "garbage", "empty"])
@@ -240,8 +302,9 @@ def test_concurrent_fetches_share_one_download(tmp_path, shared_weights, server)
     base, requests = server
     before = requests.count("/slow.h5")
     script = (
-        "import sys; from flaxcnn.weights import fetch, find_spec; "
-        "print(fetch(find_spec(1.0, 224, False), sys.argv[1], url=sys.argv[2]))"
+        "import sys; from flaxcnn.models import get_backbone; from flaxcnn.weights import fetch; "
+        "spec = get_backbone('mobilenet_v2').find_weights(224, False); "
+        "print(fetch(spec, sys.argv[1], url=sys.argv[2]))"
     )
     command = [sys.executable, "-c", script, str(tmp_path), f"{base}/slow.h5"]
     processes = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(2)]
@@ -262,6 +325,20 @@ def test_env_weights_as_file(tmp_path, monkeypatch, shared_weights):
     spec = find_spec(1.0, 96, include_top=False)
     assert resolve("imagenet", spec, cache=tmp_path, download=False) == shared_weights.resolve()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_env_weights_file_of_another_registered_file_is_not_used_for_this_one(
+    tmp_path, monkeypatch, shared_weights
+):
+    """A Keras-named file in $FLAXCNN_WEIGHTS serves its own model, options and top (at any
+    resolution), not another model's request, which falls through to the cache."""
+    monkeypatch.setenv(WEIGHTS_ENV, str(shared_weights))
+    registered = pretrained.REGISTERED_FILES
+    at_160 = find_spec(1.0, 160, include_top=False)  # same model and options, another size
+    assert resolve("imagenet", at_160, registered=registered) == shared_weights.resolve()
+    for other in (find_spec(0.5, 224, include_top=False), find_spec(1.0, 224, True)):
+        with pytest.raises(WeightsError, match="not cached"):
+            resolve("imagenet", other, cache=tmp_path, download=False, registered=registered)
 
 
 def test_env_weights_as_folder(tmp_path, monkeypatch, shared_weights):
@@ -501,8 +578,21 @@ def test_convert_overwrite_never_deletes_a_non_checkpoint(tmp_path, shared_weigh
 
 def test_convert_wrong_alpha_names_the_mismatch(tmp_path, shared_weights, capsys):
     message = _main_error(capsys, "convert", shared_weights, tmp_path / "o", "--alpha", "0.5")
-    assert message.startswith("error: with --alpha 0.5: ")
+    assert message.startswith("error: no MobileNetV2 with include_top=False fits ")
+    assert "with MobileNetV2 (alpha=0.5): " in message
     assert "'params/Conv1/kernel' has shape (3, 3, 3, 32) in the file but (3, 3, 3, 16)" in message
+
+
+def test_convert_names_the_model_a_file_holds_when_another_is_asked_for(
+    tmp_path, shared_weights, capsys
+):
+    message = _main_error(capsys, "convert", shared_weights, tmp_path / "o", "--model", "nope")
+    assert "unknown model 'nope'; registered: mobilenet_v2" in message
+    with pytest.raises(WeightsError) as error:
+        pretrained.create("mobilenet_v2", alpha=0.5, weights=shared_weights)
+    assert _one_line(str(error.value)).endswith(
+        "holds MobileNetV2 (alpha=1.0) weights, not MobileNetV2 (alpha=0.5); pass the matching "
+        "options or another file")  # fmt: skip
 
 
 def _with_top(source: pathlib.Path, path: pathlib.Path, num_classes: int) -> pathlib.Path:
@@ -558,9 +648,12 @@ def test_alpha_inference_failure_is_one_line():
     loaded = {"params": {"Conv1": {"kernel": np.zeros((3, 3, 3, 32), np.float32)}}}
     with pytest.raises(WeightsError) as e:
         infer_model_config(loaded, source="odd.h5")
+    assert _one_line(str(e.value)).startswith("odd.h5 holds no registered model's Keras layers")
+    with pytest.raises(WeightsError) as e:
+        infer_model_config(loaded, model="MobileNetV2", source="odd.h5")
     message = _one_line(str(e.value))
-    assert message.startswith("no MobileNetV2 with alpha in (0.35, 0.5, ")
-    assert "tried 1.0; with alpha=1.0: odd.h5 does not fit the model: " in message
+    assert message.startswith("no MobileNetV2 with include_top=False fits odd.h5; tried ")
+    assert "with MobileNetV2 (alpha=1.0): odd.h5 does not fit the model: " in message
     assert "missing from the file" in message
 
 
@@ -571,15 +664,26 @@ def test_list_shows_every_file_and_what_is_cached(tmp_path, shared_weights, caps
     assert capsys.readouterr().out.strip() == str(tmp_path / SHARED_SPEC.filename)
     assert main(["list", "--cache", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    rows = [line.split() for line in lines if line.startswith("mobilenet_v2_")]
+    rows = [line.split() for line in lines if line.startswith("mobilenet_v2 ")]
     assert len(rows) == len(SPECS)
-    cached = [row for row in rows if row[4] == "yes"]
-    assert cached == [[SHARED_SPEC.name, "1.0", "224", "no", "yes", "Apache-2.0", SHARED_SPEC.url]]
+    cached = [row for row in rows if row[4] != "no"]
+    assert cached == [["mobilenet_v2", "alpha=1.0", "224", "no", "cached", "none", "Apache-2.0",
+                       SHARED_SPEC.url]]  # fmt: skip
+    # $FLAXCNN_WEIGHTS counts as available, for the files it provides.
+    os.environ[WEIGHTS_ENV] = str(shared_weights)
+    try:
+        assert main(["list", "--model", "MobileNetV2", "--cache", str(tmp_path / "empty")]) == 0
+    finally:
+        del os.environ[WEIGHTS_ENV]
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()
+            if line.startswith("mobilenet_v2 ")]  # fmt: skip
+    available = {(row[1], row[2], row[3]) for row in rows if row[4] == f"${WEIGHTS_ENV}"}
+    assert available == {("alpha=1.0", str(size), "no") for size in (96, 128, 160, 192, 224)}
 
 
 def test_fetch_cli_errors_are_one_line(tmp_path, capsys):
     message = _main_error(capsys, "fetch", "--alpha", "0.6", "--cache", tmp_path)
-    assert "valid: alpha=0.35" in message
+    assert "alpha=0.6 is not supported by mobilenet_v2; allowed: 1.0, 0.35" in message
     message = _main_error(capsys, "fetch", "--cache", tmp_path, "--url", "file:///nonexistent/x.h5")
     assert message.startswith("error: could not download file:///nonexistent/x.h5")
     message = _main_error(capsys, "fetch", "--size", "big")

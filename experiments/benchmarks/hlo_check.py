@@ -1,6 +1,6 @@
 """Frozen layers cost only their forward pass: proof from the compiled (optimised) HLO.
 
-For the product's jitted steps (``flaxcnn.bench.build_step`` -> ``train.make_steps``) this
+For the product's jitted steps (``flaxcnn.bench.build_step`` -> ``flaxcnn.phases``) this
 prints XLA's flop count and, for every dot / convolution / reduction left after optimisation,
 whether it belongs to the forward or the backward pass (``transpose(jvp(...))`` in its
 metadata) and which Keras layer it comes from. It then checks that
@@ -19,24 +19,26 @@ import argparse
 import sys
 
 from flaxcnn import bench
-from flaxcnn.models import keras_layer_names
+from flaxcnn.models import get_backbone
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="mobilenet_v2")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--image-size", type=int, default=160)
+    parser.add_argument("--image-size", type=int, default=None)
     parser.add_argument("--conv-impl", default="auto")
     args = parser.parse_args(argv)
     b, s = args.batch_size, args.image_size
-    names = list(keras_layer_names(1.0, include_top=False))
-    first_trainable = names.index("block_11_depthwise")
+    backbone = get_backbone(args.model)
+    names = list(backbone.layer_names(False))
+    first_trainable = names.index(backbone.fine_tune_layer(backbone.default_fine_tune_at))
     failures, flops = [], {}
     for row in ("inference", "head", "finetune", "full"):
-        step = bench.build_step(row, b, s, conv_impl=args.conv_impl)
+        step = bench.build_step(row, b, s, model=backbone.name, conv_impl=args.conv_impl)
         compiled = step.compiled
         flops[row] = compiled.cost_analysis()["flops"]
-        counts, layers = bench.backward_ops_by_layer(compiled.as_text())
+        counts, layers = bench.backward_ops_by_layer(compiled.as_text(), names)
         layer_list = sorted(layers, key=lambda n: names.index(n) if n in names else 999)
         print(f"{row}: {flops[row] / 1e9:.2f} GFLOP; ops {dict(sorted(counts.items()))}")
         print(f"  layers with backward ops ({len(layers)}): {', '.join(layer_list) or '-'}")

@@ -34,16 +34,16 @@ def main() -> None:
     parser.add_argument("--average-from", type=int, default=6, help="1-based fine-tune epoch")
     args = parser.parse_args()
 
-    from flaxcnn import data, optim, sharding, train
+    from flaxcnn import data, phases, sharding, train
     from flaxcnn.config import TrainConfig
-    from flaxcnn.run import _phase_state, fit, plan_phases
+    from flaxcnn.run import fit
 
     changes = {k: v for k, v in (("finetune_learning_rate", args.finetune_learning_rate),
                                  ("finetune_head_learning_rate",
                                   args.finetune_head_learning_rate),
                                  ("lr_schedule", args.lr_schedule)) if v is not None}
     config = TrainConfig(data=args.data, download=False, weights=args.weights, seed=args.seed,
-                         **changes)
+                         image_size=160, **changes).resolved()
     with tempfile.TemporaryDirectory() as workdir:
         head = fit(config.replace(finetune_epochs=0), workdir)
     model, variables = head.model, head.state.variables
@@ -52,15 +52,14 @@ def main() -> None:
     dataset = data.open_dataset(args.data, download=False, split_seed=config.seed)
     mesh = sharding.make_mesh()
     hw = (config.image_size, config.image_size)
-    common = dict(batch_size=config.batch_size, image_size=hw, preprocessing="tf")
+    common = dict(batch_size=config.batch_size, image_size=hw,
+                  preprocessing=config.backbone.preprocessing)
     steps_per_epoch = data.num_batches(dataset, "train", config.batch_size, drop_remainder=True)
-    phase = plan_phases(config)[1]
+    phase = phases.plan(config)[1]
+    setup = phases.setup(phase, variables["params"], model, mesh, config, steps_per_epoch)
     rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2)
-    state = _phase_state(phase, variables, rng, config, int(head.state.step), steps_per_epoch)
-    state = sharding.replicate(state, mesh)
-    labels = optim.path_labels(state.params, phase.rules)
-    steps = train.make_steps(model.apply, train.frozen_tree(labels), mesh,
-                             update_batch_stats=False)
+    state = sharding.replicate(setup.initial_state(variables, rng, int(head.state.step)), mesh)
+    steps = setup.steps
     ema_update = jax.jit(lambda avg, new, d: jax.tree.map(lambda a, n: d * a + (1 - d) * n,
                                                           avg, new))
     copy = lambda tree: jax.tree.map(jnp.copy, tree)  # the train step donates state.params

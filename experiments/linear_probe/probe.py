@@ -57,7 +57,7 @@ def main() -> None:
 
     source = str(write_digits(pathlib.Path(args.digits))) if args.digits else args.data
     config = TrainConfig(data=source, download=False, weights=args.weights,
-                         image_size=args.image_size, finetune_epochs=0)
+                         image_size=args.image_size, finetune_epochs=0).resolved()
     if args.head_learning_rate is not None:
         config = config.replace(head_learning_rate=args.head_learning_rate)
     with tempfile.TemporaryDirectory() as workdir:
@@ -69,7 +69,7 @@ def main() -> None:
     model = build_model(config.model_config(len(dataset.class_names)))
     variables = initial_variables(config, model, hw, jax.random.PRNGKey(0))
     mesh = sharding.make_mesh()
-    common = dict(batch_size=32, image_size=hw, preprocessing="tf")
+    common = dict(batch_size=32, image_size=hw, preprocessing=config.backbone.preprocessing)
     feats = {s: train.extract_features(model, variables, data.eval_batches(dataset, s, **common),
                                        mesh) for s in ("train", "validation")}
     best = None

@@ -1,7 +1,8 @@
-"""Two-phase transfer learning with a pretrained MobileNetV2: feature extraction, then fine-tuning.
+"""Two-phase transfer learning with a pretrained backbone: feature extraction, then fine-tuning.
 
     python -m flaxcnn.experiments.transfer --data cats_vs_dogs
     python -m flaxcnn.experiments.transfer --data ../shared/data/cats_vs_dogs --no-download
+    python -m flaxcnn.experiments.transfer --model resnet50 --data DIR
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from flaxcnn import cli
 from flaxcnn.config import TrainConfig
 
 FLAGS = (
-    "data", "data_dir", "download", "weights", "alpha", "image_size", "batch_size",
+    "data", "data_dir", "download", "model", "model_options", "weights", "image_size",
+    "batch_size",
     "head_epochs", "head_learning_rate", "feature_cache", "finetune_epochs",
     "finetune_learning_rate", "finetune_head_learning_rate", "fine_tune_at", "lr_schedule",
     "early_stopping_patience", "weight_decay", "augment", "dropout_rate",

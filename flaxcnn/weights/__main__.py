@@ -1,13 +1,13 @@
-"""``python -m flaxcnn.weights``: list, pre-fetch and convert MobileNetV2 ImageNet weight files.
+"""``python -m flaxcnn.weights``: list, pre-fetch and convert the published Keras weight files.
 
-    python -m flaxcnn.weights list
-    python -m flaxcnn.weights fetch --alpha 1.0 --size 224 --no-top
-    python -m flaxcnn.weights convert mobilenet_v2_..._1.0_224_no_top.h5 ckpt/mnv2_1.0_224
+    python -m flaxcnn.weights list [--model resnet50]
+    python -m flaxcnn.weights fetch --model mobilenet_v2 --alpha 1.0 --size 224 --no-top
+    python -m flaxcnn.weights convert resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5 OUT
 
 ``convert`` turns a Keras ``.h5`` a user already has into a self-describing Orbax checkpoint
 that ``flaxcnn.checkpoints.restore`` rebuilds with nothing else (for mirrors and offline
-machines); the architecture is read from the file's shapes, not trusted from its name.
-Errors print one line on stderr and exit with status 2.
+machines); the model, its options and the top are read from the file's layer names and
+shapes, not trusted from its name. Errors print one line on stderr and exit with status 2.
 """
 
 from __future__ import annotations
@@ -15,57 +15,60 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import re
 import shutil
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from flaxcnn.weights import cache, keras_h5, merge, registry
+from flaxcnn.weights import cache, keras_h5, merge
 from flaxcnn.weights.errors import WeightsError
 
 EXIT_ERROR = 2
 CHECKPOINT_FORMAT = "flaxcnn/1"
-DEFAULT_INPUT_SIZE = 224
-# Keras's own name for a published file: ``..._kernels_{alpha}_{rows}[_no_top].h5``.
-_KERAS_NAME = re.compile(
-    r"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_[\d.]+_(\d+)(_no_top)?\.h5$"
-)
 
 
-def _abstract_variables(model_config: dict[str, Any]) -> dict[str, Any]:
+def _registry():
+    """The model registry, imported on use so that ``list`` and ``fetch`` start fast."""
+    from flaxcnn import models
+
+    return models
+
+
+def _abstract_variables(backbone, model_config: dict[str, Any]) -> dict[str, Any]:
     """Variable shapes of a model config, without computing anything."""
-    # Imported here so that `list` and `fetch` do not pay for JAX start-up.
     import jax
     import jax.numpy as jnp
 
     from flaxcnn.models import build_model
-    from flaxcnn.models.mobilenet_v2 import MIN_INPUT_SIZE
 
     model = build_model(model_config)
     # Variable shapes do not depend on the input size; the smallest legal one traces fastest.
-    image = jnp.zeros((1, MIN_INPUT_SIZE, MIN_INPUT_SIZE, 3))
+    image = jnp.zeros((1, backbone.min_input_size, backbone.min_input_size, 3))
     return jax.eval_shape(model.init, jax.random.PRNGKey(0), image)
 
 
 def infer_model_config(
     loaded: dict[str, Any],
     *,
-    alpha: float | None = None,
+    model: str | None = None,
+    options: dict[str, Any] | None = None,
     include_top: bool | None = None,
     pooling: str | None = "avg",
     source: str = "weights file",
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Finds the MobileNetV2 config a converted Keras file fits, and merges the file into it.
+    """Finds the model config a converted Keras file fits, and merges the file into it.
 
-    Conv1's channel count alone is ambiguous (alpha 0.35 and 0.5 both give 16), so every
-    candidate alpha is checked against all of the file's shapes with the strict merge.
+    The model comes from the file's layer names (``flaxcnn.pretrained.identify``) unless
+    given; its options from the shapes: every candidate (e.g. each MobileNetV2 alpha: Conv1's
+    channel count alone is ambiguous, 0.35 and 0.5 both give 16) is checked against all of
+    the file's shapes with the strict merge, and exactly one must fit.
 
     Args:
       loaded: :func:`flaxcnn.weights.load_keras_h5` output.
-      alpha: the width multiplier, or ``None`` to infer it.
+      model: the registered model, or ``None`` to infer it.
+      options: family options to hold fixed (the others are inferred).
       include_top: whether to keep the classifier; ``None``: keep it if the file has one.
-        ``False`` on a file with a classifier drops the classifier.
+        ``False`` on a file with the top drops the top.
       pooling: pooling of a model without the top (``None``, ``'avg'`` or ``'max'``).
       source: the file's name for error messages.
 
@@ -74,65 +77,81 @@ def infer_model_config(
       structure.
 
     Raises:
-      WeightsError: no (or more than one) alpha fits; the message names the first mismatch.
+      WeightsError: no registered model, or no (or more than one) option setting fits; the
+        message names what the file holds or the first mismatch.
     """
-    from flaxcnn.models.mobilenet_v2 import ALPHAS, make_divisible
+    from flaxcnn import pretrained
 
-    params = loaded.get("params", {})
-    has_top = "predictions" in params
-    include_top = has_top if include_top is None else include_top
-    # Dropping a file's classifier is the one asked-for difference; everything else must fit.
-    dont_load = [r"params/predictions/.*"] if has_top and not include_top else []
-    num_classes = 1000  # unused without the top; the model's (and ImageNet's) default
-    if include_top and has_top and "kernel" in params["predictions"]:
-        num_classes = int(params["predictions"]["kernel"].shape[-1])
-
-    if alpha is not None:
-        candidates = [float(alpha)]
+    models = _registry()
+    if model is None:
+        found = pretrained.identify(loaded)
+        if found is None:
+            raise WeightsError(f"{source} holds no registered model's Keras layers; registered: "
+                               f"{', '.join(models.list_models())}")  # fmt: skip
+        backbone = found[0]
     else:
-        conv1 = params.get("Conv1", {}).get("kernel")
-        # A cheap necessary condition first, so that usually only one model is traced.
-        candidates = [
-            a for a in ALPHAS if conv1 is None or make_divisible(32 * a) == conv1.shape[-1]
-        ]
-        candidates = candidates or list(ALPHAS)
+        try:
+            backbone = models.get_backbone(model)
+        except models.UnknownModelError as e:
+            raise WeightsError(str(e)) from None
+    fixed = dict(options or {})
+    try:
+        backbone.check_options(fixed)
+    except ValueError as e:
+        raise WeightsError(str(e)) from None
+    names = set(loaded.get("params", {})) | set(loaded.get("batch_stats", {}))
+    has_top = bool(set(backbone.classifier) & names)
+    include_top = has_top if include_top is None else include_top
+    if include_top and not has_top:
+        raise WeightsError(f"{source} holds no top ({', '.join(backbone.classifier)}); "
+                           "convert it with --no-include-top")  # fmt: skip
+    num_classes = 1000
+    if include_top:  # the classifier's output width (a kernel's last axis)
+        classifier = loaded["params"][backbone.classifier[-1]]
+        num_classes = int(classifier["kernel"].shape[-1])
+    no_top = {layer.name for layer in backbone.layers(False)}
+    if not include_top:  # dropping the file's top is the one asked-for difference
+        loaded = {c: {k: v for k, v in layers.items() if k in no_top} for c, layers in
+                  loaded.items()}  # fmt: skip
 
-    fits, errors = [], {}
-    for candidate in candidates:
-        config = {
-            "arch": "mobilenet_v2",
-            "alpha": candidate,
-            "include_top": include_top,
-            "num_classes": num_classes,
-            "pooling": None if include_top else pooling,
-        }
+    grid = [{}]
+    for key, allowed in backbone.options.items():
+        values = [fixed[key]] if key in fixed else allowed
+        grid = [{**g, key: value} for g in grid for value in values]
+    fits, errors = [], []
+    for candidate in grid:
+        config = backbone.model_config(
+            include_top=include_top, num_classes=num_classes,
+            pooling=None if include_top else pooling, **candidate)  # fmt: skip
         try:
             variables = merge.merge_variables(
-                _abstract_variables(config), loaded, dont_load=dont_load, source=source
+                _abstract_variables(backbone, config), loaded, source=source
             )
         except WeightsError as e:
-            errors[candidate] = str(e)
+            errors.append((candidate, str(e)))
             continue
         fits.append((config, variables))
-
     if len(fits) == 1:
         return fits[0]
-    if fits:  # cannot happen for MobileNetV2's published alphas; refuse rather than guess
-        found = ", ".join(str(config["alpha"]) for config, _ in fits)
-        raise WeightsError(f"{source} fits MobileNetV2 at several alphas ({found}); pass --alpha")
-    if alpha is not None:
-        raise WeightsError(f"with --alpha {alpha}: {errors[float(alpha)]}")
-    first, message = next(iter(errors.items()))
+    if fits:  # refuse rather than guess
+        found = "; ".join(backbone.describe(_options_of(backbone, c)) for c, _ in fits)
+        raise WeightsError(f"{source} fits several option settings ({found}); pass them")
+    candidate, message = errors[0]
+    tried = "; ".join(backbone.describe(c) for c, _ in errors)
     raise WeightsError(
-        f"no MobileNetV2 with alpha in {ALPHAS} and include_top={include_top} fits; "
-        f"tried {', '.join(map(str, candidates))}; with alpha={first}: {message}"
-    )
+        f"no {backbone.keras_name} with include_top={include_top} fits {source}; tried "
+        f"{tried}; with {backbone.describe(candidate)}: {message}")  # fmt: skip
 
 
-def _default_input_size(path: pathlib.Path) -> int:
-    """The resolution a Keras-named file was trained at, else 224."""
-    match = _KERAS_NAME.search(path.name)
-    return int(match.group(1)) if match else DEFAULT_INPUT_SIZE
+def _options_of(backbone, model_config: dict[str, Any]) -> dict[str, Any]:
+    return {k: model_config[k] for k in backbone.options}
+
+
+def _published(path: pathlib.Path):
+    """The registered spec whose Keras file name ``path`` has, if any."""
+    models = _registry()
+    return next((spec for backbone in models.BACKBONES.values() for spec in backbone.weights
+                 if spec.filename == path.name), None)  # fmt: skip
 
 
 def _is_checkpoint(path: pathlib.Path) -> bool:
@@ -143,13 +162,14 @@ def convert(
     h5_path: str | os.PathLike,
     out: str | os.PathLike,
     *,
-    alpha: float | None = None,
+    model: str | None = None,
+    options: dict[str, Any] | None = None,
     include_top: bool | None = None,
     input_size: int | None = None,
     pooling: str | None = "avg",
     overwrite: bool = False,
 ) -> tuple[pathlib.Path, dict[str, Any]]:
-    """Converts a Keras MobileNetV2 ``.h5`` into an Orbax checkpoint at ``out``.
+    """Converts a Keras ``.h5`` of a registered model into an Orbax checkpoint at ``out``.
 
     The checkpoint is written beside ``out`` and renamed into place, so a failed conversion
     never leaves a half checkpoint, nor destroys the one it was to replace.
@@ -157,10 +177,11 @@ def convert(
     Args:
       h5_path: legacy Keras HDF5 weights (``keras.applications`` download or ``save_weights``).
       out: checkpoint folder to create.
-      alpha: width multiplier (default: inferred from the file's shapes).
+      model: the registered model (default: read from the file's layer names).
+      options: family options (default: inferred from the file's shapes).
       include_top: keep the classifier (default: when the file has one).
-      input_size: image size recorded in the metadata (default: the resolution in a Keras
-        file name, else 224); the weights fit any size >= 32.
+      input_size: image size recorded in the metadata (default: the resolution of a Keras
+        file of that name, else the model's default); the weights fit any size.
       pooling: pooling recorded for a model without the top.
       overwrite: replace an existing checkpoint at ``out``.
 
@@ -168,18 +189,13 @@ def convert(
       ``(out, metadata)``.
 
     Raises:
-      WeightsError: the file is unreadable or fits no MobileNetV2, or ``out`` is in the way.
+      WeightsError: the file is unreadable or fits no registered model, or ``out`` is in the
+        way.
     """
     from flaxcnn.checkpoints import save_variables
-    from flaxcnn.models.mobilenet_v2 import MIN_INPUT_SIZE
 
     source = pathlib.Path(h5_path).expanduser().resolve()
     out = pathlib.Path(out).expanduser().absolute()
-    size = _default_input_size(source) if input_size is None else input_size
-    if size < MIN_INPUT_SIZE:
-        raise WeightsError(
-            f"--input-size {size} is too small; MobileNetV2 needs >= {MIN_INPUT_SIZE}"
-        )
     if out.exists():
         if not out.is_dir():
             raise WeightsError(f"{out} exists and is not a folder; pass a new folder name")
@@ -194,16 +210,23 @@ def convert(
 
     loaded = keras_h5.load_keras_h5(source)
     model_config, variables = infer_model_config(
-        loaded, alpha=alpha, include_top=include_top, pooling=pooling, source=str(source)
-    )
+        loaded, model=model, options=options, include_top=include_top, pooling=pooling,
+        source=str(source),
+    )  # fmt: skip
+    backbone = _registry().get_backbone(model_config["arch"])
+    published = _published(source)
+    size = input_size or (published.input_size if published else backbone.default_input_size)
+    if size < backbone.min_input_size:
+        raise WeightsError(f"--input-size {size} is too small; {backbone.keras_name} needs >= "
+                           f"{backbone.min_input_size}")  # fmt: skip
     metadata = {
         "format": CHECKPOINT_FORMAT,
         "model": model_config,
         "image_size": [size, size],
-        "preprocessing": "tf",  # every published MobileNetV2 file: RGB scaled to [-1, 1]
+        "preprocessing": backbone.preprocessing,
         "class_names": None,  # Keras files carry no labels
         "source": str(source),
-        "source_sha256": cache.sha256_of(source),
+        "source_sha256": cache.file_digest(source),
     }
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -237,66 +260,89 @@ def _fail(message: str) -> NoReturn:
     sys.exit(EXIT_ERROR)
 
 
+def _model_filter(args: argparse.Namespace) -> list:
+    models = _registry()
+    if args.model is None:
+        return list(models.BACKBONES.values())
+    try:
+        return [models.get_backbone(args.model)]
+    except models.UnknownModelError as e:
+        raise WeightsError(str(e)) from None
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
+    from flaxcnn.pretrained import REGISTERED_FILES
+    from flaxcnn.weights.registry import describe_options
+
     folder = cache.cache_dir(args.cache)
-    rows = [("name", "alpha", "size", "top", "cached", "licence", "url")]
-    for spec in registry.SPECS:
-        cached = "yes" if (folder / spec.filename).is_file() else "no"
-        top = "yes" if spec.include_top else "no"
-        rows.append(
-            (spec.name, str(spec.alpha), str(spec.resolution), top, cached, spec.license, spec.url)
-        )
+    rows = [("model", "options", "size", "top", "available", "hash", "licence", "url")]
+    for backbone in _model_filter(args):
+        for spec in backbone.weights:
+            env = cache.env_file_for(spec, REGISTERED_FILES)
+            if env is not None and env.is_file():
+                available = f"${cache.WEIGHTS_ENV}"
+            else:
+                available = "cached" if (folder / spec.filename).is_file() else "no"
+            options = describe_options(spec.options) if spec.options else "-"
+            rows.append((spec.model, options, str(spec.input_size),
+                         "yes" if spec.include_top else "no", available,
+                         spec.hash_algorithm or "none", spec.license, spec.url))  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
-        print(
-            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)), row[-1]
-        )
-    print(f"\ncache: {folder} (set {cache.CACHE_ENV} or pass --cache to change it)")
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)),
+              row[-1])  # fmt: skip
+    print(f"\ncache: {folder} (set {cache.CACHE_ENV} or pass --cache to change it); "
+          f"available also counts ${cache.WEIGHTS_ENV} (a file, or a folder of Keras-named "
+          "files)")  # fmt: skip
     return 0
 
 
 def _cmd_fetch(args: argparse.Namespace) -> int:
+    (backbone,) = _model_filter(args)
+    size = args.size or backbone.default_input_size
     try:
-        spec = registry.find_spec(args.alpha, args.size, include_top=args.include_top)
+        spec = backbone.find_weights(size, args.include_top, **_options(args))
     except ValueError as e:
         raise WeightsError(str(e)) from None
-    if spec.resolution != args.size:
-        print(
-            f"note: no file is published at {args.size}; using {spec.resolution}", file=sys.stderr
-        )
+    if spec.input_size != size:
+        print(f"note: no file is published at {size}; using {spec.input_size}", file=sys.stderr)
     print(cache.fetch(spec, args.cache, url=args.url))
     return 0
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     out, metadata = convert(
-        args.file,
-        args.out,
-        alpha=args.alpha,
-        include_top=args.include_top,
-        input_size=args.input_size,
-        pooling=None if args.pooling == "none" else args.pooling,
-        overwrite=args.overwrite,
-    )
-    model = metadata["model"]
-    print(
-        f"wrote {out}: mobilenet_v2 alpha={model['alpha']} include_top={model['include_top']} "
-        f"num_classes={model['num_classes']} pooling={model['pooling']} "
-        f"image_size={metadata['image_size'][0]}"
-    )
+        args.file, args.out, model=args.model, options=_options(args) or None,
+        include_top=args.include_top, input_size=args.input_size,
+        pooling=None if args.pooling == "none" else args.pooling, overwrite=args.overwrite,
+    )  # fmt: skip
+    fields = " ".join(f"{k}={v}" for k, v in metadata["model"].items() if k != "arch")
+    print(f"wrote {out}: {metadata['model']['arch']} {fields} "
+          f"image_size={metadata['image_size'][0]}")  # fmt: skip
     return 0
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    from flaxcnn.cli import model_options
+
+    return model_options(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m flaxcnn.weights`` argument parser."""
+    from flaxcnn.cli import add_model_flags
+
+    models = _registry()
     parser = _Parser(
         prog="python -m flaxcnn.weights",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(
-            "List, pre-fetch and convert MobileNetV2 ImageNet weight files.\n\n"
-            "  python -m flaxcnn.weights list\n"
-            "  python -m flaxcnn.weights fetch --alpha 1.0 --size 224 --no-top\n"
+            "List, pre-fetch and convert the ImageNet weight files Keras publishes.\n\n"
+            "  python -m flaxcnn.weights list [--model NAME]\n"
+            "  python -m flaxcnn.weights fetch --model mobilenet_v2 --alpha 1.0 --size 224 "
+            "--no-top\n"
             "  python -m flaxcnn.weights convert FILE.h5 OUT\n\n"
+            f"models: {', '.join(models.list_models())}\n\n"
             "Run 'python -m flaxcnn.weights COMMAND --help' for a command's options."
         ),
         epilog=(
@@ -308,23 +354,25 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="{list,fetch,convert}")
-
+    model_help = f"registered model or Keras name ({', '.join(models.list_models())})"
     cache_help = f"cache folder (default ${cache.CACHE_ENV} or ~/.cache/flaxcnn)"
     list_parser = commands.add_parser(
-        "list", help="print the published weight files and whether each is cached"
+        "list", help="print the published weight files and whether each is available"
     )
+    list_parser.add_argument("--model", help=model_help + "; default: all")
     list_parser.add_argument("--cache", metavar="DIR", help=cache_help)
     list_parser.set_defaults(run=_cmd_list)
 
     fetch_parser = commands.add_parser(
         "fetch",
         help="download one published file into the cache (checked; reused when valid)",
-        description="Download the file nearest to --alpha/--size into the cache; prints its path.",
+        description="Download the file nearest to --size for --model into the cache; prints "
+        "its path.",
     )
-    fetch_parser.add_argument("--alpha", type=float, default=1.0, help="width multiplier (1.0)")
-    fetch_parser.add_argument(
-        "--size", type=int, default=224, help="input size; the nearest published one is used (224)"
-    )
+    fetch_parser.add_argument("--model", default=models.list_models()[0], help=model_help)
+    add_model_flags(fetch_parser)
+    fetch_parser.add_argument("--size", type=int, help="input size; the nearest published "
+                              "one is used (default: the model's)")  # fmt: skip
     fetch_parser.add_argument(
         "--include-top",
         "--top",
@@ -338,18 +386,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert_parser = commands.add_parser(
         "convert",
-        help="turn a Keras MobileNetV2 .h5 into a Flax (Orbax) checkpoint",
+        help="turn a Keras .h5 of a registered model into a Flax (Orbax) checkpoint",
         description=(
-            "Convert a Keras MobileNetV2 .h5 (legacy HDF5 layout) into an Orbax checkpoint "
-            "that flaxcnn.checkpoints.restore(OUT) rebuilds. Alpha and include_top are read "
-            "from the file's shapes unless given."
+            "Convert a Keras .h5 (legacy HDF5 layout) into an Orbax checkpoint that "
+            "flaxcnn.checkpoints.restore(OUT) rebuilds. The model, its options and "
+            "include_top are read from the file's layer names and shapes unless given."
         ),
     )
     convert_parser.add_argument("file", metavar="FILE.h5", help="Keras weights file")
     convert_parser.add_argument("out", metavar="OUT", help="checkpoint folder to create")
-    convert_parser.add_argument(
-        "--alpha", type=float, help="width multiplier (default: inferred from the file)"
-    )
+    convert_parser.add_argument("--model", help=model_help + "; default: from the file")
+    add_model_flags(convert_parser, inferred=True)
     convert_parser.add_argument(
         "--include-top",
         "--top",
@@ -362,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="image size N x N recorded in the checkpoint (default: from a Keras file name, "
-        "else 224)",
+        "else the model's default)",
     )
     convert_parser.add_argument(
         "--pooling",
