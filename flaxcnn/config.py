@@ -49,7 +49,7 @@ class TrainConfig:
     augment: bool = True
     validation_fraction: float = 0.2
     # Model.
-    model: str = "mobilenet_v2"
+    model: str = models.DEFAULT_MODEL
     model_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     weights: str | None = "imagenet"
     dropout_rate: float = 0.2

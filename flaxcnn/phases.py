@@ -298,9 +298,9 @@ def validation_cache(phase: Phase, dataset, model, state, mesh, config: TrainCon
     The stages below it are frozen, with their norms in inference mode, and validation images
     are never augmented, so their output on the validation split cannot change during the
     phase; each epoch's evaluation then runs only the stages that train (results equal up to
-    float rounding). With MobileNetV2 fine-tuned from layer 100 on a 2-core CPU an epoch's
-    evaluation takes ~2 s instead of ~10 s. Off with ``feature_cache='off'``; with ``'auto'``
-    only when the activations fit ``EVAL_CACHE_MAX_BYTES``. Returns ``(cache, eval_step)``,
+    float rounding). With the default model fine-tuned from its layer 100 on a 2-core CPU an
+    epoch's evaluation takes ~2 s instead of ~10 s. Off with ``feature_cache='off'``; with
+    ``'auto'`` only when the activations fit ``EVAL_CACHE_MAX_BYTES``. Returns ``(cache, eval_step)``,
     or Nones where nothing below the trainable part is frozen in the backbone (a model from
     scratch, fine-tuning from the stem; the head phase caches its pooled features itself).
     """

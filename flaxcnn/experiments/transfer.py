@@ -2,7 +2,7 @@
 
     python -m flaxcnn.experiments.transfer --data cats_vs_dogs
     python -m flaxcnn.experiments.transfer --data ../shared/data/cats_vs_dogs --no-download
-    python -m flaxcnn.experiments.transfer --model resnet50 --data DIR
+    python -m flaxcnn.experiments.transfer --model NAME --data DIR   # any registered model
 """
 
 from __future__ import annotations

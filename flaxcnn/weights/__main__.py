@@ -1,8 +1,8 @@
 """``python -m flaxcnn.weights``: list, pre-fetch and convert the published Keras weight files.
 
-    python -m flaxcnn.weights list [--model resnet50]
-    python -m flaxcnn.weights fetch --model mobilenet_v2 --alpha 1.0 --size 224 --no-top
-    python -m flaxcnn.weights convert resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5 OUT
+    python -m flaxcnn.weights list [--model NAME]
+    python -m flaxcnn.weights fetch --model NAME [--alpha A] [--size 224] [--no-top]
+    python -m flaxcnn.weights convert KERAS_FILE.h5 OUT
 
 ``convert`` turns a Keras ``.h5`` a user already has into a self-describing Orbax checkpoint
 that ``flaxcnn.checkpoints.restore`` rebuilds with nothing else (for mirrors and offline
@@ -59,9 +59,9 @@ def infer_model_config(
     """Finds the model config a converted Keras file fits, and merges the file into it.
 
     The model comes from the file's layer names (``flaxcnn.pretrained.identify``) unless
-    given; its options from the shapes: every candidate (e.g. each MobileNetV2 alpha: Conv1's
-    channel count alone is ambiguous, 0.35 and 0.5 both give 16) is checked against all of
-    the file's shapes with the strict merge, and exactly one must fit.
+    given; its options from the shapes: every candidate (e.g. each width multiplier, where
+    one layer's channel count alone can be ambiguous) is checked against all of the file's
+    shapes with the strict merge, and exactly one must fit.
 
     Args:
       loaded: :func:`flaxcnn.weights.load_keras_h5` output.
@@ -339,8 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "List, pre-fetch and convert the ImageNet weight files Keras publishes.\n\n"
             "  python -m flaxcnn.weights list [--model NAME]\n"
-            "  python -m flaxcnn.weights fetch --model mobilenet_v2 --alpha 1.0 --size 224 "
-            "--no-top\n"
+            "  python -m flaxcnn.weights fetch --model NAME [--alpha A] [--size 224] "
+            "[--no-top]\n"
             "  python -m flaxcnn.weights convert FILE.h5 OUT\n\n"
             f"models: {', '.join(models.list_models())}\n\n"
             "Run 'python -m flaxcnn.weights COMMAND --help' for a command's options."
@@ -369,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Download the file nearest to --size for --model into the cache; prints "
         "its path.",
     )
-    fetch_parser.add_argument("--model", default=models.list_models()[0], help=model_help)
+    fetch_parser.add_argument("--model", default=models.DEFAULT_MODEL, help=model_help)
     add_model_flags(fetch_parser)
     fetch_parser.add_argument("--size", type=int, help="input size; the nearest published "
                               "one is used (default: the model's)")  # fmt: skip

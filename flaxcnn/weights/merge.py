@@ -22,8 +22,8 @@ from flaxcnn.weights.errors import WeightsError
 def _flat(tree: Mapping[str, Any]) -> dict[tuple[str, ...], Any]:
     """Leaves by key path in model order, ``params`` first (so errors name the earliest layer).
 
-    Paths stay tuples: Keras layer names may themselves hold ``/`` (MobileNetV3's
-    ``expanded_conv/expand``), so a joined string could not be split back.
+    Paths stay tuples: Keras layer names may themselves hold ``/`` (``expanded_conv/expand``),
+    so a joined string could not be split back.
     """
     ordered = sorted(tree, key=lambda collection: collection != "params")
     return {
