@@ -10,6 +10,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from tolerances import assert_close
 
 from flaxcnn import bench, data, optim, sharding, train
 from flaxcnn.config import TrainConfig
@@ -71,11 +72,13 @@ def test_head_on_cached_features_equals_head_on_images(tiny_cats_vs_dogs):
                 for i, b in enumerate(batches)]  # fmt: skip
     classify = lambda v, x, **kw: model.apply(v, x, method=model.classify_features, **kw)
     on_features = run(classify, "features", features)
-    np.testing.assert_allclose(on_features[0], on_images[0], rtol=1e-5)
+    # The backbone ran in another program (extract_features) than inside the step: the same
+    # forward pass up to rounding, relative to the loss [measured: bit-equal].
+    assert_close(on_features[0], on_images[0], 1e-5, what="loss sums")
     assert not np.allclose(on_images[0][0], on_images[0][-1])  # the head did train
-    for got, want in zip(jax.tree.leaves(on_features[1]), jax.tree.leaves(on_images[1]),
-                         strict=True):  # fmt: skip
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    # 3 AdamW steps at 1e-2: relative to the update, lr x steps, as for the head on 4 devices
+    # in test_distributed.py (HEAD_UPDATE_RTOL) [measured: bit-equal].
+    assert_close(on_features[1], on_images[1], 3e-4, scale=1e-2 * 3, what="head params")
 
 
 def test_bench_cli_prints_backend_and_table():

@@ -10,6 +10,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from tolerances import assert_close
 
 from flaxcnn import checkpoints, predict
 
@@ -55,7 +56,10 @@ def test_transfer_cli_end_to_end_then_restore_and_predict(
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     assert [r["image"] for r in rows] == images[:2]
-    assert rows[0]["probability"] == pytest.approx(best[0]["probability"], abs=1e-6)
+    # Another process, batches of 2 instead of 16: other kernels, so the ImageNet weights'
+    # rounding spread (<= 2.2e-5 of the features in the Keras parity); the probability moves
+    # by p (1 - p) x the logit gap's change [measured 2.3e-7 of the probability].
+    assert_close(rows[0]["probability"], best[0]["probability"], 1e-5, what="probability")
 
 
 def test_fit_checkpoints_restore_to_the_in_memory_model(tiny_cats_vs_dogs, tmp_path):
@@ -74,9 +78,9 @@ def test_fit_checkpoints_restore_to_the_in_memory_model(tiny_cats_vs_dogs, tmp_p
     assert metadata["epoch"] == 2
     images = np.random.default_rng(0).uniform(-1, 1, (4, 32, 32, 3)).astype(np.float32)
     expected = jax.jit(result.model.apply)(result.state.variables, images)
-    # Same variables and formulation; separate compilations may differ in the last ulp.
-    np.testing.assert_allclose(np.asarray(jax.jit(model.apply)(variables, images)),
-                               np.asarray(expected), rtol=1e-6, atol=1e-9)  # fmt: skip
+    # Same variables, formulation and shapes: separate compilations of the same program, which
+    # a compiler may fuse differently by a few roundings (1e-6: 8 eps) [measured: bit-equal].
+    assert_close(jax.jit(model.apply)(variables, images), expected, 1e-6, what="logits")
     for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(result.state.variables),
                     strict=True):  # fmt: skip
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
