@@ -348,9 +348,9 @@ def _positive_ints(text: str) -> list[int]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     from flaxcnn import models
-    from flaxcnn.cli import add_model_flags
+    from flaxcnn.cli import OneLineParser, add_model_flags
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m flaxcnn.bench",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -14,7 +14,7 @@ import pathlib
 import platform
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from flaxcnn import checkpoints, data, metrics
 from flaxcnn import config as config_lib
@@ -108,16 +108,21 @@ def model_options(args: argparse.Namespace) -> dict:
     return {k: getattr(args, k) for k in sorted(keys) if getattr(args, k, None) is not None}
 
 
-class _OneLineParser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line (exit 2); shared by every flaxcnn CLI."""
+
     def error(self, message: str) -> None:  # argparse prints usage + message; we print one line
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser(prog: str, description: str, defaults: config_lib.TrainConfig,
-                 flags: Sequence[str]) -> argparse.ArgumentParser:  # fmt: skip
-    """A parser with one flag per named TrainConfig field, plus the run-control flags."""
-    parser = _OneLineParser(prog=prog, description=description,
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+                 flags: Sequence[str], help_texts: Mapping[str, str] | None = None,
+                 ) -> argparse.ArgumentParser:  # fmt: skip
+    """A parser with one flag per named TrainConfig field, plus the run-control flags;
+    ``help_texts`` replaces ``HELP``'s text of a flag where an entry point means it otherwise."""
+    help_of = {**HELP, **(help_texts or {})}
+    parser = OneLineParser(prog=prog, description=description,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     fields = {f.name: f for f in dataclasses.fields(config_lib.TrainConfig)}
     choices = {"dtype": config_lib.DTYPES, "feature_cache": config_lib.FEATURE_CACHE,
                "lr_schedule": config_lib.LR_SCHEDULES}  # fmt: skip
@@ -129,14 +134,14 @@ def build_parser(prog: str, description: str, defaults: config_lib.TrainConfig,
         flag = "--" + name.replace("_", "-")
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
-                                help=HELP[name])  # fmt: skip
+                                help=help_of[name])  # fmt: skip
             continue
         kind = {"int": int, "int | None": int, "float": float}.get(str(fields[name].type), str)
         if name == "model":
-            parser.add_argument(flag, default=default, metavar="NAME", help=HELP[name] + ": " +
+            parser.add_argument(flag, default=default, metavar="NAME", help=help_of[name] + ": " +
                                 ", ".join(config_lib.model_names()))  # fmt: skip
             continue
-        parser.add_argument(flag, type=kind, default=default, help=HELP[name],
+        parser.add_argument(flag, type=kind, default=default, help=help_of[name],
                             choices=choices.get(name), metavar=None if name in choices else
                             name.upper())  # fmt: skip
     parser.add_argument("--workdir", default=None,
@@ -222,9 +227,10 @@ def _enable_compilation_cache() -> None:
 
 
 def main(argv: Sequence[str] | None, *, prog: str, description: str,
-         defaults: config_lib.TrainConfig, flags: Sequence[str]) -> int:  # fmt: skip
+         defaults: config_lib.TrainConfig, flags: Sequence[str],
+         help_texts: Mapping[str, str] | None = None) -> int:  # fmt: skip
     """Parses flags, runs ``fit`` and turns every user-facing failure into one line."""
-    args = build_parser(prog, description, defaults, flags).parse_args(argv)
+    args = build_parser(prog, description, defaults, flags, help_texts).parse_args(argv)
     if not args.no_malloc_tuning:
         tune_glibc_malloc()  # first: before anything starts JAX's threads
     handler = logging.StreamHandler()

@@ -142,3 +142,30 @@ def test_compare_torch_table_gives_both_speed_ups_against_the_default_row():
     assert cells[0][7:12] == ["1.10x", "1.25x", "800", "20", "40"]  # synced, back-to-back, GB/s
     assert cells[1][3:12] == ["-", "40.00 (39.00)", "-", "1.0", "2.00x", "-", "-", "-", "-"]
     assert lines[-1] == "Not run (past --deadline): torch.compile 128x160"
+
+
+def _bench_error(capsys, *argv: str) -> str:
+    """``bench``'s flag parsing must refuse ``argv`` with exit 2 and one line on stderr."""
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parse_args(list(argv))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("python -m flaxcnn.bench: error: ")
+    return lines[0]
+
+
+def test_bench_bad_batch_sizes_exit_2_with_one_line(capsys):
+    for bad in ("0", "-4", "32,0", "x"):
+        assert "give positive integers" in _bench_error(capsys, "--batch-sizes", bad)
+
+
+def test_bench_input_row_needs_a_data_folder_given_as_an_absolute_path(
+    capsys, tmp_path, monkeypatch
+):
+    assert "pass --data DIR" in _bench_error(capsys, "--rows", "input")
+    monkeypatch.chdir(tmp_path)
+    line = _bench_error(capsys, "--rows", "input", "--data", "no_such_folder")
+    assert f"--data {tmp_path / 'no_such_folder'} is not a folder" in line
+    (tmp_path / "photos").mkdir()
+    args = bench.parse_args(["--rows", "input", "--data", "photos"])
+    assert args.data == str(tmp_path / "photos") and args.rows == ["input"]
