@@ -162,32 +162,67 @@ def _decode_resize(data, hw: tuple[int, int]):
     return tf.ensure_shape(image, (*hw, 3))
 
 
+# File signatures of the formats TF decodes, to say what an undecodable file is.
+_SIGNATURES = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF8", "GIF"),
+               (b"BM", "BMP"))  # fmt: skip
+
+
+def _undecodable(encoded: bytes) -> str:
+    """Why bytes that failed to decode are no image, in the user's terms (not TF's)."""
+    if not encoded:
+        return "the file is empty"
+    if encoded[:4] == b"RIFF" and encoded[8:12] == b"WEBP":
+        kind = "WebP"
+    else:
+        kind = next((kind for magic, kind in _SIGNATURES if encoded.startswith(magic)), None)
+    if kind is None:
+        return "not a JPEG, PNG, BMP, GIF or WebP image"
+    return f"a truncated or corrupt {kind} file"
+
+
+def _read_image(path: str | os.PathLike, hw: tuple[int, int]) -> np.ndarray:
+    """One file -> uint8 ``[h, w, 3]``; a one-line ``DataError`` naming it otherwise."""
+    try:
+        encoded = pathlib.Path(path).read_bytes()
+    except FileNotFoundError:
+        reason = "no such file"
+    except IsADirectoryError:
+        reason = "a folder, not an image file"
+    except OSError as e:
+        reason = (e.strerror or type(e).__name__).lower()
+    else:
+        try:
+            return _decode_resize(encoded, hw).numpy()
+        except Exception:  # TF's message names its kernels, not the file: say what it is
+            reason = _undecodable(encoded)
+    raise DataError(f"cannot read image {path}: {reason}") from None
+
+
 def load_images(
-    paths: Sequence[str | os.PathLike], image_size: int | Sequence[int], preprocessing: str
+    paths: str | os.PathLike | Sequence[str | os.PathLike],
+    image_size: int | Sequence[int],
+    preprocessing: str,
 ) -> np.ndarray:
     """Decodes, resizes and scales image files exactly as the eval pipeline does.
 
     Args:
-      paths: image files (JPEG/PNG/BMP/GIF; any channel layout).
+      paths: an image file, or a sequence of them (JPEG/PNG/BMP/GIF/WebP; any channel
+        layout).
       image_size: int or ``(height, width)``.
       preprocessing: one of ``PREPROCESSING_MODES``.
 
     Returns:
-      float32 ``[len(paths), h, w, 3]``.
+      float32 ``[len(paths), h, w, 3]`` (``[1, h, w, 3]`` for a single file).
 
     Raises:
-      DataError: a file is missing or cannot be decoded (named in the message).
+      DataError: a file is missing or cannot be decoded (named in the one-line message).
     """
+    if isinstance(paths, str | os.PathLike):
+        paths = [paths]
     hw = _image_hw(image_size)
-    images = []
-    for path in paths:
-        try:
-            encoded = pathlib.Path(path).read_bytes()
-            images.append(_decode_resize(encoded, hw).numpy())
-        except Exception as e:
-            raise DataError(f"cannot read image {path} ({_one_line(e)}); pass a JPEG/PNG/BMP/GIF"
-                            " file") from None
-    return scale_images(np.stack(images), preprocessing)
+    _scale(0.0, preprocessing)  # an unknown mode fails before any file is read
+    images = [_read_image(path, hw) for path in paths]
+    return scale_images(np.stack(images) if images else np.zeros((0, *hw, 3)), preprocessing)
 
 
 def _readable(examples) -> tuple[np.ndarray, np.ndarray]:
@@ -256,6 +291,11 @@ def _open_folder(root: pathlib.Path, fraction: float, seed: int, **fields) -> Im
     )
     if not class_names:
         raise DataError(f"{root}/train has no class subfolders: {layout}")
+    if len(class_names) == 1:
+        raise DataError(
+            f"{root}/train has one class folder ({class_names[0]}); a classifier needs at least "
+            f"two: add a folder per class, {layout}"
+        )
     listing = []  # (split, path, label)
     for split in ("train", "validation", "test"):
         if not (root / split).is_dir():
@@ -276,11 +316,19 @@ def _open_folder(root: pathlib.Path, fraction: float, seed: int, **fields) -> Im
     ok = np.zeros(len(paths), bool)
     ok[_readable(examples.map(lambda i, path, y: (i, tf.io.read_file(path), y)))[0]] = True
     skipped = [str(pathlib.Path(path).relative_to(root)) for path in paths[~ok]]
+    in_train = split_of == "train"
+    for label in np.setdiff1d(np.arange(len(class_names)), labels[in_train & ok]):
+        broken = paths[in_train & (labels == label)]
+        raise DataError(
+            f"class folder {root}/train/{class_names[label]} has no readable images "
+            f"({len(broken)} unreadable, e.g. {pathlib.Path(broken[0]).name}): add readable "
+            "images or remove the folder"
+        )
     splits = {
         split: _Split(
             labels[(split_of == split) & ok].astype(np.int32), paths[(split_of == split) & ok]
         )
-        for split in dict.fromkeys(split_of)
+        for split in dict.fromkeys(split_of.tolist())  # str keys, not numpy's np.str_
     }
     return _finish_open(str(root), class_names, splits, skipped, fraction, seed, **fields)
 
@@ -318,6 +366,16 @@ def _open_tfds(name: str, data_dir, download: bool, fraction, seed, **fields) ->
         ) from None
     except Exception as error:
         raise DataError(f"cannot open TFDS dataset {name!r}: {_one_line(error)}; {fix}") from None
+    # Checked on the builder's declared features, before anything is downloaded.
+    label_key = (builder.info.supervised_keys or ("image", "label"))[1]
+    class_names = getattr(builder.info.features[label_key], "names", None)
+    if not class_names:
+        raise DataError(f"TFDS dataset {name!r} has no class-label feature {label_key!r}; {fix}")
+    if len(class_names) == 1:
+        raise DataError(
+            f"TFDS dataset {name!r} has one class ({class_names[0]}); a classifier needs at "
+            "least two: pass a dataset (or an image folder) with two or more classes"
+        )
     if not builder.is_prepared():
         if not download:
             raise DataError(
@@ -335,10 +393,6 @@ def _open_tfds(name: str, data_dir, download: bool, fraction, seed, **fields) ->
     split_names = list(builder.info.splits) or ["train"]
     if "train" not in split_names:
         raise DataError(f"TFDS dataset {name!r} has no 'train' split ({split_names}); {fix}")
-    label_key = (builder.info.supervised_keys or ("image", "label"))[1]
-    class_names = getattr(builder.info.features[label_key], "names", None)
-    if not class_names:
-        raise DataError(f"TFDS dataset {name!r} has no class-label feature {label_key!r}; {fix}")
     splits, skipped = {}, []
     for split in ("train", "validation", "test"):
         if split not in split_names:

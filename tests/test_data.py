@@ -143,7 +143,7 @@ def test_tf_scaling_spans_minus_one_to_one(odd_folder):
                                rtol=F32_EPS)  # fmt: skip
     np.testing.assert_allclose(data.scale_images(pixels, "unit"), [0.0, 0.2, 1.0], rtol=F32_EPS)
     with pytest.raises(data.DataError, match="preprocessing"):
-        data.scale_images(pixels, "caffe")
+        data.scale_images(pixels, "bgr")
 
 
 def test_eval_counts_every_example_once(odd_folder):
@@ -338,3 +338,104 @@ def test_shared_cats_vs_dogs_folder(cats_vs_dogs_dir):
     assert batch["image"].shape == (32, 160, 160, 3) and batch["image"].dtype == np.float32
     assert batch["label"].dtype == np.int32 and 0 < batch["label"].sum() < 32
     assert -1.0 <= batch["image"].min() < 0.0 < batch["image"].max() <= 1.0
+
+
+def test_dataset_repr_is_readable(noise_folder):
+    dataset = data.open_dataset(str(noise_folder))
+    assert all(type(split) is str for split in dataset.split_sizes)
+    assert "np.str_" not in repr(dataset)
+    assert "split_sizes={'train': 20, 'validation': 5}" in repr(dataset)
+
+
+def test_load_images_takes_one_path_or_a_list(noise_folder):
+    path = noise_folder / "train" / "a" / "0.png"
+    one = data.load_images(path, 32, "unit")
+    assert one.shape == (1, 32, 32, 3)
+    np.testing.assert_array_equal(data.load_images(str(path), 32, "unit"), one)
+    np.testing.assert_array_equal(data.load_images([str(path), path], 32, "unit")[1], one[0])
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("train/zebra/empty.jpg", "the file is empty"),
+        ("train/zebra/notes.jpg", "not a JPEG, PNG, BMP, GIF or WebP image"),
+        ("train/apple/truncated.jpg", "a truncated or corrupt JPEG file"),
+        ("train/apple/missing.jpg", "no such file"),
+        ("train/apple", "a folder, not an image file"),
+    ],
+)
+def test_unreadable_image_is_named_in_one_line_without_tensorflow_internals(
+    odd_folder, name, reason
+):
+    path = odd_folder / name
+    with pytest.raises(data.DataError) as error:
+        data.load_images(path, 32, "tf")
+    message = str(error.value)
+    assert message == f"cannot read image {path}: {reason}"
+    assert error.value.__suppress_context__  # no TensorFlow exception chained to it
+
+
+def _one_class(root):
+    for i in range(3):
+        _save(root / "train" / "cat" / f"{i}.png", (i, 2, 3))
+
+
+def _unreadable_class(root):
+    _save(root / "train" / "cat" / "0.png", (1, 2, 3))
+    (root / "train" / "dog").mkdir()
+    (root / "train" / "dog" / "0.jpg").write_bytes(b"")
+    (root / "train" / "dog" / "1.jpg").write_text("not an image")
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (_one_class, r"train has one class folder \(cat\); a classifier needs at least two"),
+        (_unreadable_class, r"class folder .*train/dog has no readable images \(2 unreadable"),
+    ],
+)
+def test_folder_with_fewer_than_two_usable_classes_is_refused(tmp_path, make, message):
+    make(tmp_path)
+    with pytest.raises(data.DataError, match=message) as error:
+        data.open_dataset(str(tmp_path))
+    assert "\n" not in str(error.value)
+
+
+def test_single_class_folder_exits_2_from_the_cli(tmp_path, capsys):
+    from flaxcnn.experiments import transfer
+
+    _one_class(tmp_path / "data")
+    workdir = tmp_path / "run"
+    rc = transfer.main(["--data", str(tmp_path / "data"), "--weights", "none", "--alpha", "0.35",
+                        "--image-size", "32", "--batch-size", "2", "--conv-impl", "lax",
+                        "--no-compilation-cache", "--workdir", str(workdir)])  # fmt: skip
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("python -m flaxcnn.experiments.transfer: error: --data: ")
+    assert "one class folder (cat)" in lines[0]
+    assert not workdir.exists() or not any(workdir.iterdir())
+
+
+def test_single_class_tfds_dataset_is_refused_before_downloading(tmp_path):
+    """A real TFDS builder (defined here, prepared from local files), not ``mock_data``."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+
+    class OneClassImages(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            features = {"image": tfds.features.Image(),
+                        "label": tfds.features.ClassLabel(names=["only"])}  # fmt: skip
+            return tfds.core.DatasetInfo(builder=self, supervised_keys=("image", "label"),
+                                         features=tfds.features.FeaturesDict(features))  # fmt: skip
+
+        def _split_generators(self, dl_manager):
+            raise AssertionError("a one-class dataset must be refused before preparing it")
+
+        def _generate_examples(self):
+            raise AssertionError("a one-class dataset must be refused before preparing it")
+
+    with pytest.raises(data.DataError, match="'one_class_images' has one class") as error:
+        data.open_dataset(OneClassImages.name, data_dir=str(tmp_path))
+    assert "\n" not in str(error.value) and not list(tmp_path.rglob("*.tfrecord*"))
