@@ -47,7 +47,7 @@ def _size_hw(backbone: Backbone, input_size: int | tuple[int, int] | None) -> tu
     if min(height, width) < backbone.min_input_size:
         raise ValueError(
             f"input_size {input_size} is too small; {backbone.keras_name} needs >= "
-            f"{backbone.min_input_size}"
+            f"{backbone.min_input_size} (--image-size on the command line)"
         )
     return int(height), int(width)
 
@@ -166,7 +166,8 @@ def _weights_path(backbone, options, weights, hw, include_top, cache_dir, downlo
     try:
         spec = backbone.find_weights(hw, include_top, **options)
     except ValueError as e:
-        raise WeightsError(str(e)) from None
+        raise WeightsError(f"{e}; or pass weights=None or a Keras .h5 path (--weights none or "
+                           "--weights PATH on the command line)") from None  # fmt: skip
     return cache.resolve("imagenet", spec, cache=cache_dir, download=download,
                          registered=REGISTERED_FILES)  # fmt: skip
 
@@ -215,7 +216,8 @@ def _wrong_file_message(source, loaded, backbone: Backbone, options, error: Weig
     other, _ = found
     if other.name != backbone.name:
         return (f"{source} holds {other.keras_name} weights, not {wanted}; pass a "
-                f"{backbone.keras_name} file, or model {other.name!r} for this one")  # fmt: skip
+                f"{backbone.keras_name} file, or model {other.name!r} for this one (--model "
+                f"{other.name} on the command line)")  # fmt: skip
     for candidate in _option_grid(backbone):
         if candidate == options:
             continue
@@ -228,8 +230,22 @@ def _wrong_file_message(source, loaded, backbone: Backbone, options, error: Weig
         except (WeightsError, ValueError):
             continue
         return (f"{source} holds {backbone.describe(candidate)} weights, not {wanted}; pass "
-                f"the matching options or another file")  # fmt: skip
+                f"the matching options ({_as_arguments(candidate)}; {_as_flags(candidate)} on "
+                "the command line) or another file")  # fmt: skip
     return str(error)
+
+
+def _as_arguments(options: Mapping[str, Any]) -> str:
+    return ", ".join(f"{key}={value!r}" for key, value in options.items())
+
+
+def _as_flags(options: Mapping[str, Any]) -> str:
+    """Family options as the CLI spells them (``cli.add_model_flags``)."""
+    flag = lambda key: "--" + key.replace("_", "-")
+    return " ".join(
+        (flag(key) if value else "--no-" + flag(key)[2:]) if isinstance(value, bool)
+        else f"{flag(key)} {value}" for key, value in options.items()
+    )  # fmt: skip
 
 
 def _option_grid(backbone: Backbone) -> list[dict[str, Any]]:

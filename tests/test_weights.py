@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import itertools
 import os
 import pathlib
 import subprocess
@@ -264,7 +265,7 @@ def test_offline_without_cache_names_url_cache_path_and_alternatives(tmp_path):
     with pytest.raises(WeightsError) as e:
         fetch(SHARED_SPEC, tmp_path / "cache", download=False)
     message = _one_line(str(e.value))
-    assert "not cached (offline)" in message
+    assert "not cached and downloads are off (download=False, --no-download)" in message
     assert SHARED_SPEC.url in message
     assert str(tmp_path / "cache" / SHARED_SPEC.filename) in message
     assert "--weights" in message and WEIGHTS_ENV in message
@@ -371,6 +372,57 @@ def test_pretrained_imagenet_offline_with_env(tmp_path, monkeypatch, shared_weig
     raw = read_keras_h5(shared_weights)
     np.testing.assert_array_equal(variables["params"]["Conv1"]["kernel"], raw["Conv1"]["kernel"])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_library_messages_name_the_argument_and_the_command_line_flag(tmp_path):
+    """``WeightsError`` reaches library callers and the CLI alike: it names both spellings."""
+    with pytest.raises(WeightsError) as offline:
+        fetch(SHARED_SPEC, tmp_path / "cache", download=False)
+    with pytest.raises(WeightsError) as missing:
+        resolve(tmp_path / "missing.h5", SHARED_SPEC)
+    blocker = tmp_path / "file"
+    blocker.write_text("a file: no cache folder below it")
+    with pytest.raises(WeightsError) as no_cache:
+        fetch(SHARED_SPEC, blocker / "cache", download=False)
+    unpublished_options = next((
+        (backbone.name, options) for backbone in models.BACKBONES.values()
+        for options in (dict(zip(backbone.options, values, strict=True))
+                        for values in itertools.product(*backbone.options.values()))
+        if not any(spec.options == tuple(sorted(options.items())) for spec in backbone.weights)
+    ), None)  # fmt: skip
+    expected = [
+        (offline, ["download=False, --no-download", "weights=PATH (--weights PATH on the command"]),
+        (missing, ["pass weights= an existing Keras .h5 file", "--weights PATH, imagenet or none"]),
+        (no_cache, ["pass cache_dir=DIR or set FLAXCNN_CACHE=DIR"]),
+    ]
+    if unpublished_options is not None:  # a registered option setting without ImageNet weights
+        with pytest.raises(WeightsError) as unpublished:
+            pretrained.create(unpublished_options[0], **unpublished_options[1],
+                              cache_dir=tmp_path, download=False)  # fmt: skip
+        expected.append((unpublished, ["pass weights=None or a Keras .h5 path (--weights none"]))
+    for error, phrases in expected:
+        message = _one_line(str(error.value))
+        assert all(phrase in message for phrase in phrases), message
+
+
+@pytest.mark.parametrize("passed_as", ["weights=PATH", WEIGHTS_ENV])
+def test_corrupt_file_the_user_passed_is_reported_and_kept(tmp_path, monkeypatch, shared_weights,
+                                                           passed_as):  # fmt: skip
+    """Only a file flaxcnn downloaded into its cache is ever removed or downloaded again."""
+    corrupt = tmp_path / SHARED_SPEC.filename
+    corrupt.write_bytes(shared_weights.read_bytes()[:100_000])
+    weights = corrupt
+    if passed_as == WEIGHTS_ENV:
+        monkeypatch.setenv(WEIGHTS_ENV, str(corrupt))
+        weights = "imagenet"
+    with pytest.raises(WeightsError) as error:
+        pretrained.create("mobilenet_v2", weights=weights, cache_dir=tmp_path / "cache")
+    message = _one_line(str(error.value))
+    assert message.startswith(f"{corrupt} is not a readable Keras HDF5 file (")
+    assert message.endswith("; it may be truncated or corrupt: pass a complete copy")
+    assert "delete" not in message and "download" not in message and "removed" not in message
+    assert corrupt.read_bytes() == shared_weights.read_bytes()[:100_000]
+    assert not (tmp_path / "cache").exists()
 
 
 # --- keras_h5 and merge_variables -------------------------------------------------------------
@@ -592,7 +644,7 @@ def test_convert_names_the_model_a_file_holds_when_another_is_asked_for(
         pretrained.create("mobilenet_v2", alpha=0.5, weights=shared_weights)
     assert _one_line(str(error.value)).endswith(
         "holds MobileNetV2 (alpha=1.0) weights, not MobileNetV2 (alpha=0.5); pass the matching "
-        "options or another file")  # fmt: skip
+        "options (alpha=1.0; --alpha 1.0 on the command line) or another file")  # fmt: skip
 
 
 def _with_top(source: pathlib.Path, path: pathlib.Path, num_classes: int) -> pathlib.Path:

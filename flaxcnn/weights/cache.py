@@ -126,16 +126,17 @@ def fetch(
     folder = cache_dir(cache)
     target = folder / spec.filename
     url = url or spec.url
+    # Library callers pass arguments, CLI users flags: the messages name both.
     offline_hint = (
-        f"download {url} yourself and put it at {target}, or pass --weights PATH "
-        f"(or set {WEIGHTS_ENV}=PATH)"
+        f"download {url} yourself and put it at {target}, or pass weights=PATH (--weights PATH "
+        f"on the command line), or set {WEIGHTS_ENV}=PATH"
     )
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise WeightsError(
-            f"cannot create the weights cache {folder} ({e.strerror}); "
-            f"set {CACHE_ENV} to a writable folder"
+            f"cannot create the weights cache {folder} ({e.strerror}); pass cache_dir=DIR or "
+            f"set {CACHE_ENV}=DIR, a writable folder"
         ) from None
     with _locked(folder / f".{spec.filename}.lock"):
         if target.exists():
@@ -149,7 +150,10 @@ def fetch(
                     + offline_hint
                 )
         elif not download:
-            raise WeightsError(f"weights {spec.filename} are not cached (offline); " + offline_hint)
+            raise WeightsError(
+                f"weights {spec.filename} are not cached and downloads are off (download=False, "
+                "--no-download); allow them, or " + offline_hint
+            )
         try:
             problem = _download(url, target, spec, timeout)
         # HTTPException: a connection cut mid-body (IncompleteRead) is not an OSError;
@@ -211,8 +215,8 @@ def resolve(
         path = pathlib.Path(weights).expanduser()
         if not path.is_file():
             raise WeightsError(
-                f"weights file {path} does not exist; pass an existing .h5 file, 'imagenet' "
-                "or None"
+                f"weights file {path} does not exist; pass weights= an existing Keras .h5 file, "
+                "'imagenet' or None (--weights PATH, imagenet or none on the command line)"
             )
         return path.resolve()
     if spec is None:

@@ -80,7 +80,7 @@ def read_keras_h5(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise WeightsError(
             f"{path} is not a readable Keras HDF5 file ({reason}); it may be truncated or "
-            "corrupt"
+            "corrupt: pass a complete copy"
         ) from None
 
 
@@ -110,7 +110,7 @@ def keras_to_flax(layers: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[st
                 if value.shape[-1] != 1:
                     raise WeightsError(
                         f"layer {layer_name!r}: depthwise multiplier {value.shape[-1]} is not "
-                        "supported (MobileNetV2 uses 1)"
+                        "supported (the registered models use 1)"
                     )
                 value = np.transpose(value, (0, 1, 3, 2))
             variables[collection].setdefault(layer_name, {})[flax_name] = value
