@@ -107,3 +107,39 @@ def test_build_model_from_json_config():
     model = build_model(config)
     assert model == SimpleCNN(num_classes=4, features=(8, 16), dense_features=(32,))
     assert _variables(model, 32, 32)["params"]["dense_0"]["kernel"].shape == (16 * 8 * 8, 32)
+
+
+def test_cli_help_describes_one_phase_from_scratch(capsys):
+    from flaxcnn.experiments import simple_cnn
+
+    with pytest.raises(SystemExit) as done:
+        simple_cnn.main(["--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "--head-epochs HEAD_EPOCHS epochs of training: one phase, every parameter " \
+        "trainable, from random initialisation" in text
+    for transfer_only in ("feature extraction", "backbone", "BatchNorm", "phase 1",
+                          "weights were trained"):
+        assert transfer_only not in text, transfer_only
+
+
+def test_cli_run_states_its_one_phase_without_batch_norm(tiny_cats_vs_dogs, tmp_path, capsys):
+    import logging
+
+    from flaxcnn.experiments import simple_cnn
+
+    logger = logging.getLogger("flaxcnn")  # the CLI points it at the (captured) stderr
+    handlers, propagate, level = logger.handlers[:], logger.propagate, logger.level
+    try:
+        rc = simple_cnn.main(["--data", str(tiny_cats_vs_dogs), "--batch-size", "8",
+                              "--head-epochs", "1", "--no-compilation-cache",
+                              "--workdir", str(tmp_path / "run")])  # fmt: skip
+    finally:
+        logger.handlers[:], logger.propagate = handlers, propagate
+        logger.setLevel(level)
+    err = capsys.readouterr().err
+    assert rc == 0, err[-2000:]
+    # conv 3->16 (448) + conv 16->32 (4,640) + dense 2048->256 (524,544) + dense 256->2 (514)
+    assert ("phase train: 530,146 trainable / 0 frozen parameters; trainable from the input; "
+            "no running statistics; learning rate 0.001, augmentation off") in err
+    assert "BatchNorm" not in err
