@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import pathlib
 import subprocess
@@ -317,6 +318,105 @@ def test_tfds_source_through_mock_data(tmp_path):
     assert len(batches) == dataset.split_sizes["train"] // 4
     assert batches[0]["image"].shape == (4, 32, 40, 3) and batches[0]["label"].shape == (4,)
     assert set(np.concatenate([b["label"] for b in batches]).tolist()) <= {0, 1}
+
+
+TFDS_NAME = "flaxcnn_test_photos"  # the builder below registers itself under this name
+# The CLI on a tiny MobileNetV2 (as tests/test_reliability.py's runs): one head epoch.
+TINY_RUN = ["--weights", "none", "--alpha", "0.35", "--image-size", "32", "--batch-size", "8",
+            "--conv-impl", "lax", "--head-epochs", "1", "--finetune-epochs", "0",
+            "--no-compilation-cache", "--no-malloc-tuning"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tfds_photos(tiny_cats_vs_dogs, tmp_path_factory):
+    """A real TFDS dataset, ``TFDS_NAME``: a ``GeneratorBasedBuilder`` whose splits read the
+    tiny photo folder's files (plus a truncated JPEG in train), registered by defining it.
+    Returns its data_dir (nothing prepared yet) and each split's (file, label) list."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    files = {
+        split: [(f, label) for label, name in enumerate(("cat", "dog"))
+                for f in sorted((tiny_cats_vs_dogs / split / name).glob("*.jpg"))]
+        for split in ("train", "validation")
+    }  # fmt: skip
+    broken = tmp_path_factory.mktemp("tfds_source") / "cat.truncated.jpg"
+    broken.write_bytes(files["train"][0][0].read_bytes()[:2000])
+
+    class FlaxcnnTestPhotos(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            features = tfds.features.FeaturesDict({
+                "image": tfds.features.Image(encoding_format="jpeg"),  # the files' bytes, as is
+                "label": tfds.features.ClassLabel(names=["cat", "dog"]),
+            })  # fmt: skip
+            return tfds.core.DatasetInfo(builder=self, features=features,
+                                         supervised_keys=("image", "label"))  # fmt: skip
+
+        def _split_generators(self, dl_manager):
+            return {split: self._generate_examples(split) for split in files}
+
+        def _generate_examples(self, split):
+            for path, label in files[split] + [(broken, 0)] * (split == "train"):
+                yield path.name, {"image": path, "label": label}
+
+    assert tfds.builder_cls(TFDS_NAME) is FlaxcnnTestPhotos
+    return tmp_path_factory.mktemp("tfds_data"), files
+
+
+def test_tfds_builder_is_opened_prepared_and_read_like_any_tfds_name(tfds_photos):
+    """The tfds.builder / download_and_prepare / as_dataset path that 'cats_vs_dogs' takes,
+    on a builder that reads local files: no network, no mock."""
+    data_dir, files = tfds_photos
+    with pytest.raises(data.DataError, match="not prepared"):
+        data.open_dataset(TFDS_NAME, data_dir=str(data_dir), download=False)
+    dataset = data.open_dataset(TFDS_NAME, data_dir=str(data_dir))  # prepares it
+    assert (data_dir / TFDS_NAME / "1.0.0" / "dataset_info.json").is_file()
+    assert dataset.name == TFDS_NAME and dataset.class_names == ("cat", "dog")
+    assert dataset.split_sizes == {"train": 32, "validation": 16}  # TFDS's own two splits
+    assert len(dataset.skipped) == 1 and dataset.skipped[0].startswith("train[")
+    assert dataset.notes == (f"skipped 1 unreadable image, e.g. {dataset.skipped[0]}",)
+    # Every example is one of its split's files, once, with its label. (TFDS stores them
+    # shuffled; load_images decodes a file as the pipeline does, so the pixels are equal.)
+    for split, examples in files.items():
+        out = _eval_all(dataset, split)
+        pairs = zip(out["image"], out["label"], strict=True)
+        got = sorted((image.tobytes(), int(label)) for image, label in pairs)
+        want = sorted((data.load_images([f], 32, "unit")[0].tobytes(), label)
+                      for f, label in examples)  # fmt: skip
+        assert got == want, split
+    again = data.open_dataset(TFDS_NAME, data_dir=str(data_dir), download=False)  # prepared
+    assert again.split_sizes == dataset.split_sizes and again.skipped == dataset.skipped
+
+
+def test_tfds_builder_trains_through_the_cli(tfds_photos, tmp_path, capsys):
+    """``--data NAME --data-dir DIR --no-download`` in-process (where the builder is
+    registered): a head epoch on the prepared TFDS splits; the checkpoint names the classes."""
+    import logging
+
+    from flaxcnn import checkpoints
+    from flaxcnn.experiments import transfer
+
+    tfds = pytest.importorskip("tensorflow_datasets")
+    data_dir, _ = tfds_photos
+    tfds.builder(TFDS_NAME, data_dir=str(data_dir)).download_and_prepare()  # if not yet
+    workdir = tmp_path / "run"
+    logger = logging.getLogger("flaxcnn")
+    handlers, propagate, level = logger.handlers[:], logger.propagate, logger.level
+    try:
+        rc = transfer.main(["--data", TFDS_NAME, "--data-dir", str(data_dir), "--no-download",
+                            *TINY_RUN, "--workdir", str(workdir)])  # fmt: skip
+    finally:  # the CLI points the 'flaxcnn' logger at the (captured) stderr
+        logger.handlers[:], logger.propagate = handlers, propagate
+        logger.setLevel(level)
+    err = capsys.readouterr().err
+    assert rc == 0, err[-3000:]
+    assert "skipped 1 unreadable image, e.g. train[" in err
+    assert "cached 32 + 16 feature vectors" in err  # both TFDS splits, the broken JPEG out
+    report = json.loads((workdir / "metrics.json").read_text())
+    assert [e["phase"] for e in report["epochs"]] == ["head"]
+    assert math.isfinite(report["epochs"][0]["train_loss"])
+    _, _, metadata = checkpoints.restore(workdir)
+    assert metadata["class_names"] == ["cat", "dog"]
 
 
 def test_shared_cats_vs_dogs_folder(cats_vs_dogs_dir):
