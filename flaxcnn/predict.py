@@ -114,14 +114,19 @@ def iter_predictions(
     apply = jax.jit(lambda v, x: jax.nn.softmax(model.apply(v, x, train=False).astype("float32")))
     # One batch shape for every call, the last batch padded: one compilation.
     shape = min(batch_size, len(paths))
-    pending: list[tuple[str, np.ndarray]] = []
+    pending: list[tuple[str, np.ndarray | str]] = []  # (path, image) or (path, error message)
 
     def classify() -> Iterator[dict[str, Any]]:
-        images = np.stack([image for _, image in pending])
-        padded = np.concatenate([images, np.zeros((shape - len(images), *images.shape[1:]),
-                                                  images.dtype)])  # fmt: skip
-        probabilities = np.asarray(apply(variables, padded))[: len(images)]
-        for (path, _), p in zip(pending, probabilities, strict=True):
+        images = [item for _, item in pending if not isinstance(item, str)]
+        if images:
+            batch = np.zeros((shape, *images[0].shape), images[0].dtype)
+            batch[: len(images)] = images
+            probabilities = iter(np.asarray(apply(variables, batch))[: len(images)])
+        for path, item in pending:
+            if isinstance(item, str):
+                yield {"image": path, "error": item}
+                continue
+            p = next(probabilities)
             order = np.argsort(-p, kind="stable")[:top_k]
             yield {
                 "image": path, "label": names[order[0]], "probability": float(p[order[0]]),
@@ -130,15 +135,17 @@ def iter_predictions(
             }  # fmt: skip
         pending.clear()
 
+    loaded = 0
     for path in paths:
         try:
             pending.append((str(path), data.load_images(path, size, mode)[0]))
+            loaded += 1
         except data.DataError as e:
-            yield {"image": str(path), "error": str(e)}
-        if len(pending) == shape:
+            pending.append((str(path), str(e)))
+        if loaded == shape:
             yield from classify()
-    if pending:
-        yield from classify()
+            loaded = 0
+    yield from classify()
 
 
 def predict_files(

@@ -109,6 +109,12 @@ def test_unreadable_inputs_are_named_in_one_line_each_and_the_rest_classified(
         f"{prefix}cannot read image {tmp_path / 'missing.jpg'}: no such file",
         f"{prefix}5 input(s) could not be classified (named above); 1 image(s) were",
     ]
+    # In code, a result per path in the order given, errors in their place.
+    paths = [tmp_path / "empty.jpg", good, tmp_path / "missing.jpg", photos / "b.jpg"]
+    results = predict.predict_files(*checkpoints.restore(run_dir), paths, batch_size=1)
+    assert [r["image"] for r in results] == list(map(str, paths))
+    assert ["error" in r for r in results] == [True, False, True, False]
+    assert results[2]["error"] == f"cannot read image {paths[2]}: no such file"
 
 
 @pytest.mark.parametrize("top_k", ["0", "-1", "two"])
