@@ -33,6 +33,7 @@ from flaxcnn.models.transfer import TransferClassifier
 
 FAMILIES = (mobilenet_v2, mobilenet_v3, convnext)
 BACKBONES: dict[str, Backbone] = {b.name: b for family in FAMILIES for b in family.BACKBONES}
+DEFAULT_MODEL = "mobilenet_v2"  # the transfer CLI's and bench's default
 # Models trained from scratch by their own recipe (one phase, everything trainable).
 SCRATCH_MODELS = ("simple_cnn",)
 
@@ -144,6 +145,7 @@ def random_variables(model: nn.Module, input_shape: Sequence[int], *, seed: int 
 __all__ = [
     "BACKBONES",
     "CONV_IMPLS",
+    "DEFAULT_MODEL",
     "SCRATCH_MODELS",
     "Backbone",
     "KerasLayer",
