@@ -61,6 +61,11 @@ def test_declared_data_is_consistent(name):
     assert backbone.default_input_size >= backbone.min_input_size >= 32
     first = backbone.fine_tune_layer(backbone.default_fine_tune_at)
     assert first in backbone.layers_from(first)
+    # Fine-tuning from the first weighted layer trains every weighted layer of the no-top
+    # model, its own last layers included (some end in a layer the top does not have).
+    weighted = [layer.name for layer in layers if layer.weighted]
+    assert set(weighted) <= set(backbone.layers_from(weighted[0]))
+    assert [backbone.stage_of(layer.name) for layer in layers] == [l.stage for l in layers]
     weighted_top = {layer.name for layer in with_top if layer.weighted}
     assert set(backbone.classifier) <= weighted_top
     assert backbone.imagenet_top1 is None or 0.5 < backbone.imagenet_top1 < 0.95

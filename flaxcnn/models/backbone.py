@@ -141,9 +141,16 @@ class Backbone:
     def layer_names(self, include_top: bool = False, **options: Any) -> tuple[str, ...]:
         return tuple(layer.name for layer in self.layers(include_top, **options))
 
+    def all_layers(self, **options: Any) -> tuple[KerasLayer, ...]:
+        """The no-top model's layers, then those only the top adds (a model without the top
+        may end in layers the one with the top does not have, e.g. a final norm)."""
+        no_top = self.layers(False, **options)
+        names = {layer.name for layer in no_top}
+        return no_top + tuple(e for e in self.layers(True, **options) if e.name not in names)
+
     def stage_of(self, layer: str, **options: Any) -> int:
         """The stage that computes a Keras layer (``ValueError`` for another model's layer)."""
-        for entry in self.layers(True, **options):
+        for entry in self.all_layers(**options):
             if entry.name == layer:
                 return entry.stage
         raise ValueError(f"{layer!r} is not a {self.keras_name} layer")
@@ -192,7 +199,7 @@ class Backbone:
 
     def layers_from(self, first: str, **options: Any) -> tuple[str, ...]:
         """The weighted layers from ``first`` on (the top's included): those that train."""
-        names = [layer.name for layer in self.layers(True, **options) if layer.weighted]
+        names = [layer.name for layer in self.all_layers(**options) if layer.weighted]
         return tuple(names[names.index(first) :])
 
     def find_weights(
