@@ -632,3 +632,25 @@ def eval_batches(
     positions[:size] = np.arange(size)
     positions = positions.reshape(count, batch_size)[:, shard]
     return _batches(dataset, split, positions, hw, preprocessing, None, with_mask=True)
+
+
+def example_ids(dataset: ImageDataset, split: str) -> tuple[str, ...]:
+    """Each example's name, in the split's fixed order (that of ``eval_batches``): its path
+    relative to the folder, or ``'split[i]'``, its position in the TFDS split (as in
+    ``skipped``)."""
+    source = _split(dataset, split)
+    if source.tfds_split is None:
+        root = pathlib.Path(dataset.name)
+        return tuple(str(pathlib.Path(path).relative_to(root)) for path in source.keys)
+    return tuple(f"{source.tfds_split}[{i}]" for i in source.keys)
+
+
+def decoded_images(
+    dataset: ImageDataset, split: str, positions: Sequence[int], image_size: int | Sequence[int]
+) -> np.ndarray:
+    """The examples at ``positions`` of ``split`` as the eval pipeline decodes them, before
+    scaling: resized to ``image_size``, uint8 ``[len(positions), h, w, 3]``."""
+    tf, hw = _tf(), _image_hw(image_size)
+    load = _image_loader(dataset, split, hw)
+    images = [load(tf.constant(int(p), tf.int64)).numpy() for p in positions]
+    return np.stack(images) if images else np.zeros((0, *hw, 3), np.uint8)
