@@ -25,13 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from flaxcnn.models import convnext, mobilenet_v2, mobilenet_v3, resnet
+from flaxcnn.models import convnext, efficientnet_v2, mobilenet_v2, mobilenet_v3, resnet
 from flaxcnn.models.backbone import Backbone, KerasLayer
 from flaxcnn.models.layers import CONV_IMPLS
 from flaxcnn.models.simple_cnn import SimpleCNN
 from flaxcnn.models.transfer import TransferClassifier
 
-FAMILIES = (mobilenet_v2, mobilenet_v3, resnet, convnext)
+FAMILIES = (mobilenet_v2, mobilenet_v3, efficientnet_v2, resnet, convnext)
 BACKBONES: dict[str, Backbone] = {b.name: b for family in FAMILIES for b in family.BACKBONES}
 DEFAULT_MODEL = "mobilenet_v2"  # the transfer CLI's and bench's default
 # Models trained from scratch by their own recipe (one phase, everything trainable).
