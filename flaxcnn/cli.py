@@ -1,24 +1,30 @@
 """Shared command-line plumbing: TrainConfig flags, logging, errors as one line, workdirs.
 
 The experiment entry points (``flaxcnn.experiments.transfer``, ``.simple_cnn``) only choose
-defaults and which flags to show; everything a run does lives in ``flaxcnn.run.fit``.
+defaults and which flags to show; everything a run does lives in ``flaxcnn.run.fit``. This
+module imports nothing heavy at the top: :func:`main` installs the SIGINT/SIGTERM handlers
+before JAX or TensorFlow start (``flaxcnn.interrupts``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import dataclasses
 import logging
 import pathlib
 import platform
-import shutil
+import shlex
+import signal
 import sys
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
-from flaxcnn import checkpoints, data, metrics
-from flaxcnn import config as config_lib
-from flaxcnn.weights import WeightsError
+from flaxcnn import interrupts
+
+if TYPE_CHECKING:
+    from flaxcnn.config import TrainConfig
 
 log = logging.getLogger("flaxcnn")
 
@@ -34,7 +40,7 @@ HELP = {
     "augment": "random flip + rotation (+-72 deg) on training images",
     "validation_fraction": "fraction of train carved off (seeded, stratified) when the "
     "dataset has no validation split",
-    "model": "the model: a registered backbone (or Keras's name for it, e.g. ResNet50) or a "
+    "model": "the model: a registered backbone (or Keras's application name for it) or a "
     "model trained from scratch",
     "weights": "'imagenet' (honours $FLAXCNN_WEIGHTS and the cache $FLAXCNN_CACHE), a Keras "
     ".h5 path, or 'none' for random init",
@@ -56,8 +62,7 @@ HELP = {
     "lr_schedule": "learning rate over each phase: cosine decay from the phase's rate to 0, "
     "or constant (the Keras tutorial)",
     "fine_tune_at": "first trainable backbone layer in phase 2: a Keras layer index (as the "
-    "TensorFlow tutorial's 100) or a layer/block name (default: the model's, e.g. "
-    "MobileNetV2's 100)",
+    "TensorFlow tutorial's 100) or a layer/block name (default: the model's own)",
     "weight_decay": "decoupled weight decay on trainable kernels (AdamW); frozen leaves "
     "stay bit-identical",
     "seed": "seed of initialisation, data order, augmentation and dropout",
@@ -67,10 +72,16 @@ HELP = {
     "held in memory until then); 0: every epoch",
     "log_every": "steps between progress-bar metric updates",
 }
-USER_ERRORS = (
-    config_lib.ConfigError, data.DataError, WeightsError, checkpoints.CheckpointError,
-    metrics.NonFiniteLossError, OSError,
-)  # fmt: skip
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """The errors that are the user's to fix: one line, exit 2 (3 for a NaN loss)."""
+    from flaxcnn import checkpoints, data, metrics
+    from flaxcnn.config import ConfigError
+    from flaxcnn.weights import WeightsError
+
+    return (ConfigError, data.DataError, WeightsError, checkpoints.CheckpointError,
+            metrics.NonFiniteLossError, OSError)  # fmt: skip
 
 
 def add_model_flags(parser: argparse.ArgumentParser, *, inferred: bool = False) -> None:
@@ -115,17 +126,34 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def build_parser(prog: str, description: str, defaults: config_lib.TrainConfig,
+class DefaultsOnceHelpFormatter(argparse.HelpFormatter):
+    """Shows each flag's default once: appended unless the help text already states it
+    (``BooleanOptionalAction`` appends its own), and never an unset (``None``) default or
+    a plain switch's ``False``."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        unset = action.default is None or action.default is False  # (not 0: a real default)
+        unset = unset or action.default == argparse.SUPPRESS or not action.option_strings
+        if unset or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def build_parser(prog: str, description: str, defaults: TrainConfig,
                  flags: Sequence[str], help_texts: Mapping[str, str] | None = None,
                  ) -> argparse.ArgumentParser:  # fmt: skip
     """A parser with one flag per named TrainConfig field, plus the run-control flags;
     ``help_texts`` replaces ``HELP``'s text of a flag where an entry point means it otherwise."""
+    from flaxcnn import config as config_lib
+    from flaxcnn.models import CONV_IMPLS
+
     help_of = {**HELP, **(help_texts or {})}
     parser = OneLineParser(prog=prog, description=description,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+                           formatter_class=DefaultsOnceHelpFormatter)  # fmt: skip
     fields = {f.name: f for f in dataclasses.fields(config_lib.TrainConfig)}
     choices = {"dtype": config_lib.DTYPES, "feature_cache": config_lib.FEATURE_CACHE,
-               "lr_schedule": config_lib.LR_SCHEDULES}  # fmt: skip
+               "lr_schedule": config_lib.LR_SCHEDULES, "conv_impl": CONV_IMPLS}  # fmt: skip
     for name in flags:
         if name == "model_options":
             add_model_flags(parser)
@@ -136,7 +164,8 @@ def build_parser(prog: str, description: str, defaults: config_lib.TrainConfig,
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
                                 help=help_of[name])  # fmt: skip
             continue
-        kind = {"int": int, "int | None": int, "float": float}.get(str(fields[name].type), str)
+        annotation = str(fields[name].type).removesuffix(" | None")  # None: "the model's"
+        kind = {"int": int, "float": float}.get(annotation, str)
         if name == "model":
             parser.add_argument(flag, default=default, metavar="NAME", help=help_of[name] + ": " +
                                 ", ".join(config_lib.model_names()))  # fmt: skip
@@ -147,9 +176,11 @@ def build_parser(prog: str, description: str, defaults: config_lib.TrainConfig,
     parser.add_argument("--workdir", default=None,
                         help="output folder (default: checkpoints/<data name>_<model>)")
     parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --workdir from its latest checkpoint")
+                        help="continue the run in --workdir from its latest checkpoint (or "
+                        "extend its last phase: pass more epochs)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="delete an existing non-empty --workdir first")
+                        help="replace the run in --workdir (deleted once the new run's data, "
+                        "weights and flags have been checked)")
     parser.add_argument("--no-compilation-cache", action="store_true",
                         help="disable JAX's persistent compilation cache")
     parser.add_argument("--no-malloc-tuning", action="store_true",
@@ -164,42 +195,63 @@ def build_parser(prog: str, description: str, defaults: config_lib.TrainConfig,
     return parser
 
 
-RUN_MARKERS = ("config.json", checkpoints.LATEST_DIR, checkpoints.BEST_DIR, "metrics.json")
+def _check_workdir(path: pathlib.Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuses a --workdir that the flags do not fit, before any data is read; writes nothing
+    (``fit`` creates the folder, and deletes a run that ``--overwrite`` replaces, only once
+    everything that can reject the run has passed)."""
+    from flaxcnn.config import ConfigError
+    from flaxcnn.run import RUN_MARKERS, holds_run
 
-
-def _prepare_workdir(path: pathlib.Path, *, resume: bool, overwrite: bool) -> None:
     if path.exists() and not path.is_dir():
-        raise config_lib.ConfigError(f"--workdir {path} is a file; pass a folder")
-    if path.exists() and any(path.iterdir()) and not resume:
-        if not any((path / name).exists() for name in RUN_MARKERS):
-            raise config_lib.ConfigError(  # --overwrite deletes runs only, never other files
+        raise ConfigError(f"--workdir {path} is a file; pass a folder")
+    if resume and not holds_run(path):
+        raise ConfigError(f"--resume: --workdir {path} holds no run to continue (no "
+                          f"{', '.join(RUN_MARKERS)}); pass the --workdir of the run, or leave "
+                          "out --resume to start a new one")  # fmt: skip
+    if not resume and path.exists() and any(path.iterdir()):
+        if not holds_run(path):
+            raise ConfigError(  # --overwrite deletes runs only, never other files
                 f"--workdir {path} is not empty and holds no run (no {', '.join(RUN_MARKERS)});"
                 " pass an empty or new --workdir")
         if not overwrite:
-            raise config_lib.ConfigError(
+            raise ConfigError(
                 f"--workdir {path} already holds a run; pass --resume to continue it, "
                 "--overwrite to replace it, or another --workdir")
-        shutil.rmtree(path)
+    _check_writable(path)
+
+
+def _check_writable(path: pathlib.Path) -> None:
+    """Creates ``path`` (and a file in it) as ``fit`` will, then removes what it created."""
+    from flaxcnn.config import ConfigError
+
+    created = []  # deepest first
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        missing = [p for p in (path, *path.parents) if not p.exists()]
+        for folder in reversed(missing):
+            folder.mkdir()
+            created.insert(0, folder)
         probe = path / ".write-test"
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise config_lib.ConfigError(
+        raise ConfigError(
             f"--workdir {path} is not writable ({e.strerror}); pass a writable folder") from None
+    finally:
+        for folder in created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 def tune_glibc_malloc() -> bool:
     """Makes glibc keep XLA:CPU's per-execution scratch memory mapped between steps.
 
-    XLA:CPU allocates an execution's temporaries (160 MB for MobileNetV2 inference at batch
-    32, 160x160) with ``posix_memalign`` from a worker thread. glibc serves such sizes from
+    XLA:CPU allocates an execution's temporaries (160 MB for the default model's inference at
+    batch 32, 160x160) with ``posix_memalign`` from a worker thread. glibc serves such sizes from
     a thread arena only through a fresh ``mmap`` and unmaps them on ``free``, so every step
     page-faults its whole scratch space in again (~40k faults, ~15% of an inference step on
     a 2-core CPU). One arena, no mmap for large blocks and no trimming let the memory be
-    reused: MobileNetV2 steps run ~10% faster, and the head phase's feature-caching pass took
-    32 s instead of 55 s on the shared data (experiments/benchmarks/cpu-2core.md). Call it
+    reused: the default model's steps run ~10% faster, and the head phase's feature-caching pass
+    took 32 s instead of 55 s on the shared data (experiments/benchmarks/cpu-2core.md). Call it
     before JAX starts its threads (before the first computation); it is process-wide, so it
     belongs in entry points (this CLI, ``flaxcnn.bench``), not in the library.
 
@@ -227,12 +279,85 @@ def _enable_compilation_cache() -> None:
 
 
 def main(argv: Sequence[str] | None, *, prog: str, description: str,
-         defaults: config_lib.TrainConfig, flags: Sequence[str],
+         defaults: TrainConfig | None = None, flags: Sequence[str],
          help_texts: Mapping[str, str] | None = None) -> int:  # fmt: skip
-    """Parses flags, runs ``fit`` and turns every user-facing failure into one line."""
-    args = build_parser(prog, description, defaults, flags, help_texts).parse_args(argv)
-    if not args.no_malloc_tuning:
-        tune_glibc_malloc()  # first: before anything starts JAX's threads
+    """Parses flags, runs ``fit`` and turns every user-facing failure into one line.
+
+    Args:
+      argv: the flags (``None``: ``sys.argv[1:]``).
+      prog: the command, for messages and the run record.
+      description: the ``--help`` text.
+      defaults: the entry point's TrainConfig (``None``: the transfer recipe, imported only
+        once the signal handlers are in place).
+      flags: the TrainConfig fields shown as flags.
+      help_texts: help texts replacing ``HELP``'s.
+
+    Returns:
+      The exit status: 0 done, 2 bad input, 3 NaN/Inf loss, 130 stopped by SIGINT/SIGTERM.
+    """
+    signals = interrupts.StopSignals()
+    signals.install()  # first: a signal at any later moment is caught and reported
+    argv = list(sys.argv[1:] if argv is None else argv)
+    finished = None  # the workdir, once fit has returned
+    try:
+        if defaults is None:
+            from flaxcnn.config import TrainConfig
+
+            defaults = TrainConfig()
+        args = build_parser(prog, description, defaults, flags, help_texts).parse_args(argv)
+        if not args.no_malloc_tuning:
+            tune_glibc_malloc()  # before anything starts JAX's threads
+        _log_to_stderr()
+        user_errors = _user_errors()
+        from flaxcnn import metrics
+        from flaxcnn.run import Interrupted, fit
+
+        signals.check()  # one that the imports swallowed (JAX's GC callback, a bare except)
+
+        try:
+            config, workdir = _config_and_workdir(args, defaults, flags)
+            _check_workdir(workdir, resume=args.resume, overwrite=args.overwrite)
+            if not args.no_compilation_cache:
+                _enable_compilation_cache()
+            summary = fit(config, workdir, resume=args.resume, overwrite=args.overwrite,
+                          command=shlex.join([*prog.split(), *argv]),
+                          signals=signals).summary  # fmt: skip
+        except Interrupted as e:
+            print(f"{prog}: {e}", file=sys.stderr)
+            return 130
+        except user_errors as e:
+            message = " ".join(str(e).split()) or type(e).__name__
+            print(f"{prog}: error: {message}", file=sys.stderr)
+            return 3 if isinstance(e, metrics.NonFiniteLossError) else 2
+        finished = workdir
+        signals.check()  # one swallowed by a GC callback after fit's last check
+        print(f"{summary_line(summary)}; results in {workdir}")
+        return 0
+    except KeyboardInterrupt:  # outside fit: before it started, or as the last line printed
+        signum = signals.first or int(signal.SIGINT)
+        if finished is None:
+            print(f"{prog}: stopped by signal {signum} during start-up, before anything was "
+                  "written; run the same command again", file=sys.stderr)  # fmt: skip
+        else:
+            print(f"{prog}: stopped by signal {signum} as the run finished; its results are "
+                  f"complete in {finished}", file=sys.stderr)  # fmt: skip
+        return 130
+    finally:
+        signals.uninstall()
+
+
+def summary_line(summary: Mapping) -> str:
+    """The run's result in one line: best validation accuracy, and the test accuracy of the
+    best checkpoint (what ``checkpoints.restore`` loads) and of the last state."""
+    line = f"best validation accuracy {summary['best_val_accuracy']:.4f}"
+    if "test_best" in summary:
+        best = summary["test_best"]
+        line += (f"; test accuracy {best['accuracy']:.4f} (best checkpoint, epoch "
+                 f"{best['epoch']}), {summary['test']['accuracy']:.4f} (last state)")  # fmt: skip
+    return line
+
+
+def _log_to_stderr() -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
     log.handlers[:] = [handler]
@@ -240,44 +365,27 @@ def main(argv: Sequence[str] | None, *, prog: str, description: str,
     log.propagate = False  # TensorFlow/absl install root handlers of their own
     for noisy in ("absl", "jax._src", "orbax", "tensorflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _config_and_workdir(args: argparse.Namespace, defaults: TrainConfig,
+                        flags: Sequence[str]) -> tuple[TrainConfig, pathlib.Path]:  # fmt: skip
+    from flaxcnn.config import ConfigError
+
     values = {name: getattr(args, name) for name in flags if name != "model_options"}
     if "model_options" in flags:
         values["model_options"] = model_options(args)
     if "weights" in values and str(values["weights"]).lower() == "none":
         values["weights"] = None
-    try:
-        config = defaults.replace(**values).resolved()
-        default_name = f"{pathlib.Path(config.data).name or 'data'}_{config.model}"
-        workdir = pathlib.Path(args.workdir or pathlib.Path("checkpoints") / default_name)
-        workdir = workdir.expanduser().resolve()
-        if args.distributed:
-            from flaxcnn import sharding
+    config = defaults.replace(**values).resolved()
+    default_name = f"{pathlib.Path(config.data).name or 'data'}_{config.model}"
+    workdir = pathlib.Path(args.workdir or pathlib.Path("checkpoints") / default_name)
+    workdir = workdir.expanduser().resolve()
+    if args.distributed:
+        from flaxcnn import sharding
 
-            sharding.initialize_distributed()
-        weights = config.weights
-        if weights not in (None, "imagenet") and not pathlib.Path(weights).expanduser().is_file():
-            raise config_lib.ConfigError(
-                f"--weights {weights!r}: no such file; allowed: imagenet, none, or a Keras "
-                ".h5 file")
-        _prepare_workdir(workdir, resume=args.resume, overwrite=args.overwrite)
-        if not args.no_compilation_cache:
-            _enable_compilation_cache()
-        from flaxcnn.run import Interrupted, fit
-
-        try:
-            summary = fit(config, workdir, resume=args.resume).summary
-        except Interrupted as e:
-            print(f"{prog}: {e}", file=sys.stderr)
-            return 130
-    except KeyboardInterrupt:  # Ctrl-C outside fit's training loop (start-up, final evaluation)
-        print(f"{prog}: interrupted outside the training loop; checkpoints saved so far are "
-              "complete: add --resume to continue", file=sys.stderr)  # fmt: skip
-        return 130
-    except USER_ERRORS as e:
-        message = " ".join(str(e).split()) or type(e).__name__
-        print(f"{prog}: error: {message}", file=sys.stderr)
-        return 2 if not isinstance(e, metrics.NonFiniteLossError) else 3
-    print(f"best validation accuracy {summary['best_val_accuracy']:.4f}; results in {workdir}")
-    return 0
-
-
+        sharding.initialize_distributed()
+    weights = config.weights
+    if weights not in (None, "imagenet") and not pathlib.Path(weights).expanduser().is_file():
+        raise ConfigError(f"--weights {weights!r}: no such file; allowed: imagenet, none, or a "
+                          "Keras .h5 file")  # fmt: skip
+    return config.replace(workdir=str(workdir)), workdir

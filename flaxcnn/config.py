@@ -195,9 +195,11 @@ class TrainConfig:
     @classmethod
     def from_json(cls, text: str) -> TrainConfig:
         """Reads ``config.json`` (also those written before family options moved into
-        ``model_options``, e.g. a top-level ``alpha``)."""
+        ``model_options``, e.g. a top-level ``alpha``); its run record (``invocations``,
+        see ``flaxcnn.resume.write_record``) is not part of the config."""
         fields = {f.name for f in dataclasses.fields(cls)}
         values = json.loads(text)
+        values.pop("invocations", None)
         options = {name for backbone in models.BACKBONES.values() for name in backbone.options}
         moved = {k: values.pop(k) for k in list(values) if k in options - fields}
         if moved:

@@ -12,7 +12,6 @@ TensorFlow and TFDS are imported on first use; importing this module does no I/O
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import difflib
 import functools
@@ -82,13 +81,10 @@ class ImageDataset:
 
 @functools.cache
 def _tf():
-    """Imports TensorFlow once, hiding GPUs from it so that JAX keeps the accelerator memory."""
-    import tensorflow as tf
+    """TensorFlow, imported once, quietly and with its GPUs hidden (``flaxcnn.tf_runtime``)."""
+    from flaxcnn import tf_runtime
 
-    # RuntimeError: the caller already initialised TF's devices; leave them as they are.
-    with contextlib.suppress(RuntimeError):
-        tf.config.set_visible_devices([], "GPU")
-    return tf
+    return tf_runtime.tensorflow()
 
 
 def _one_line(text: object, limit: int = 300) -> str:

@@ -1,19 +1,15 @@
-"""Epoch metrics: exact example-weighted averages, and the reports a run leaves behind.
+"""Epoch metrics: exact example-weighted averages on the device, and the NaN/Inf guards.
 
 Steps return *sums* (``loss_sum``, ``correct``, ``count``) that are added up on the device and
 divided once, so a padded final batch and unequal batch sizes weigh each example exactly once
-(a mean of batch means does not; flax#262).
+(a mean of batch means does not; flax#262). The files a run writes from them are
+``flaxcnn.report``'s.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
-import os
-import pathlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -82,68 +78,3 @@ def check_finite_params(variables: Any, step: int, epoch: int) -> Any:
             "saving them. The last good checkpoint is kept: lower the learning rate and --resume"
         )
     return host
-
-
-CSV_FIELDS = (
-    "epoch", "phase", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
-    "learning_rate", "epoch_seconds", "wall_seconds", "images_per_second",
-)  # fmt: skip
-
-
-def write_reports(
-    workdir: str | os.PathLike,
-    history: Sequence[Mapping[str, Any]],
-    *,
-    summary: Mapping[str, Any] | None = None,
-    plot: bool = True,
-) -> None:
-    """Writes ``metrics.json``, ``metrics.csv`` and (``plot``) ``curves.png`` into ``workdir``.
-
-    Plotting costs ~0.5 s (seconds on a busy machine), more than a whole epoch of a head on
-    cached features, so ``fit`` redraws the curves only now and then and at the end.
-    """
-    workdir = pathlib.Path(workdir)
-    payload = {"epochs": list(history), **(dict(summary) if summary else {})}
-    _replace_file(workdir / "metrics.json", json.dumps(payload, indent=2) + "\n")
-    table = io.StringIO(newline="")
-    writer = csv.DictWriter(table, CSV_FIELDS, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(history)
-    _replace_file(workdir / "metrics.csv", table.getvalue())
-    if history and plot:
-        plot_curves(history, workdir / "curves.png")
-
-
-def _replace_file(path: pathlib.Path, text: str) -> None:
-    """Writes beside ``path`` and renames: a crash never leaves a half-written report."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def plot_curves(history: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> None:
-    """Accuracy and loss per epoch for both phases, a line where fine-tuning starts
-    (the TensorFlow transfer-learning tutorial's figure)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = np.array([h["epoch"] for h in history])
-    fig, axes = plt.subplots(2, 1, figsize=(8, 8), sharex=True)
-    for ax, key, title in ((axes[0], "accuracy", "Accuracy"), (axes[1], "loss", "Cross-entropy")):
-        ax.plot(epochs, [h[f"train_{key}"] for h in history], "o-", label=f"Training {key}")
-        ax.plot(epochs, [h[f"val_{key}"] for h in history], "o-", label=f"Validation {key}")
-        phases = [h["phase"] for h in history]
-        if "finetune" in phases and phases[0] != "finetune":
-            start = epochs[phases.index("finetune")] - 0.5
-            ax.axvline(start, color="gray", linestyle="--", label="Start fine-tuning")
-        ax.set_title(f"Training and validation {title.lower()}")
-        ax.set_ylabel(title)
-        ax.grid(alpha=0.3)
-        ax.legend(loc="lower right" if key == "accuracy" else "upper right")
-    axes[1].set_xlabel("epoch")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

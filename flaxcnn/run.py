@@ -1,7 +1,8 @@
 """One training run from a :class:`~flaxcnn.config.TrainConfig`: ``fit(config, workdir)``.
 
 The phases (what trains, with which optimizer, on what data) come from :mod:`flaxcnn.phases`;
-this module runs them: the epoch loop, checkpoints, resume position, signals and reports.
+this module runs them: the epoch loop, checkpoints, signals and reports. Where a resumed run
+starts and what it may change is :mod:`flaxcnn.resume`'s.
 
 Start-up precedence: the workdir's own latest complete checkpoint when resuming, else
 pretrained (or random) initialisation; the log says which.
@@ -14,18 +15,33 @@ import dataclasses
 import logging
 import os
 import pathlib
-import signal
+import shutil
 import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
+from jax.experimental import multihost_utils
 
-from flaxcnn import checkpoints, data, metrics, optim, phases, pretrained, sharding, train
+from flaxcnn import (
+    checkpoints,
+    data,
+    interrupts,
+    metrics,
+    optim,
+    phases,
+    pretrained,
+    report,
+    sharding,
+    train,
+)
+from flaxcnn import resume as resume_lib
 from flaxcnn.config import ConfigError, TrainConfig
 from flaxcnn.models import build_model
+from flaxcnn.resume import RUN_MARKERS, describe_position, holds_run
+
+__all__ = ["RUN_MARKERS", "FitResult", "Interrupted", "fit", "holds_run", "initial_variables"]
 
 log = logging.getLogger(__name__)
 FORMAT = "flaxcnn/1"
@@ -41,8 +57,8 @@ class FitResult:
     state: train.TrainState | None
 
 
-class Interrupted(RuntimeError):
-    """SIGTERM/SIGINT arrived; a checkpoint was saved at the step boundary."""
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM/SIGINT stopped the run; the message says what is saved and how to go on."""
 
 
 def initial_variables(config: TrainConfig, model, hw: tuple[int, int], rng) -> dict[str, Any]:
@@ -63,24 +79,33 @@ def initial_variables(config: TrainConfig, model, hw: tuple[int, int], rng) -> d
     return variables
 
 
-@contextlib.contextmanager
-def _stop_on_signals():
-    """Turns SIGTERM/SIGINT into a flag checked at step boundaries (main thread only)."""
-    received: list[int] = []
-    handler = lambda signum, frame: received.append(signum)
-    previous = {}
-    with contextlib.suppress(ValueError):  # not the main thread: no handlers
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.signal(sig, handler)
-    try:
-        yield received
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+@dataclasses.dataclass
+class _SoFar:
+    """What the run has written and saved: the line that reports a stop says it."""
+
+    workdir: pathlib.Path
+    stage: str = "during start-up"
+    fresh: bool = True  # not resuming: everything in the workdir is this run's
+    existed: bool = False  # the workdir folder was there before the run wrote into it
+    written: bool = False
+    saved: tuple[int, str] | None = None  # latest complete checkpoint: step, position
+
+    def stop_message(self, signum: int | None) -> str:
+        what = f"stopped by signal {signum}" if signum else "interrupted"
+        if self.saved:
+            step, position = self.saved
+            latest = self.workdir / checkpoints.LATEST_DIR / str(step)
+            return (f"{what} {self.stage}; the latest checkpoint is {latest} ({position}); "
+                    "continue with the same command plus --resume")  # fmt: skip
+        if self.written and self.fresh and jax.process_index() == 0:
+            shutil.rmtree(self.workdir, ignore_errors=True)  # only config.json and alike
+            if self.existed:
+                self.workdir.mkdir(exist_ok=True)
+        return f"{what} {self.stage}, before any checkpoint was saved; run the same command again"
 
 
 class _EpochProgress:
-    """The progress bar of one epoch: ``run_epoch``'s ``on_step`` callback.
+    """One epoch's ``run_epoch`` callback: the display, the NaN check, the stop flag.
 
     Every ``log_every`` steps it starts copying the running metric sums to the host and shows
     those of the previous report, which have arrived meanwhile: the host never waits for the
@@ -88,38 +113,32 @@ class _EpochProgress:
     is therefore caught up to ``log_every`` steps late, and always before the epoch is saved.
     """
 
-    def __init__(
-        self, desc: str, epoch: int, n_batches: int, start_batch: int, first_step: int,
-        log_every: int, *, enabled: bool, stop: list,
-    ) -> None:  # fmt: skip
-        self.bar = tqdm(total=n_batches, initial=start_batch, disable=not enabled, desc=desc,
-                        leave=False, unit="batch")  # fmt: skip
-        self.epoch, self.n_batches, self.log_every, self.stop = epoch, n_batches, log_every, stop
+    def __init__(self, display: report.EpochProgressDisplay, epoch: int, n_batches: int,
+                 start_batch: int, first_step: int, log_every: int, *,
+                 stop: list) -> None:  # fmt: skip
+        self.display, self.epoch, self.n_batches = display, epoch, n_batches
+        self.log_every, self.stop = log_every, stop
         self.done, self.step = start_batch, first_step
-        self.pending: tuple[dict, int] | None = None
+        self.pending: tuple[dict, int, int] | None = None  # sums, step, batches done
 
     def __call__(self, state: train.TrainState, total: dict, n_steps: int = 1) -> bool:
         self.done += n_steps
         self.step += n_steps
-        self.bar.update(n_steps)
+        self.display.advance(n_steps)
         last = self.done == self.n_batches
         if self.done // self.log_every > (self.done - n_steps) // self.log_every or last:
-            report = (total, self.step)
+            report_now = (total, self.step, self.done)
             if last:  # the epoch ends here and waits for its sums anyway
-                shown, self.pending = report, None
+                shown, self.pending = report_now, None
             else:
                 for leaf in jax.tree.leaves(total):
                     leaf.copy_to_host_async()
-                shown, self.pending = self.pending, report
+                shown, self.pending = self.pending, report_now
             if shown is not None:
                 running = metrics.finalize(shown[0])
                 metrics.check_finite(running["loss"], shown[1], self.epoch)
-                self.bar.set_postfix(loss=f"{running['loss']:.4f}",
-                                     acc=f"{running['accuracy']:.4f}")  # fmt: skip
+                self.display.show(shown[2], running["loss"], running["accuracy"], final=last)
         return bool(self.stop)
-
-    def close(self) -> None:
-        self.bar.close()
 
 
 class _Bookkeeping:
@@ -131,9 +150,10 @@ class _Bookkeeping:
     """
 
     def __init__(self, workdir: pathlib.Path, store: checkpoints.RunCheckpoints, is_main: bool,
-                 config: TrainConfig, history: list[dict]) -> None:  # fmt: skip
+                 config: TrainConfig, history: list[dict], so_far: _SoFar,
+                 events: report.TensorBoardEvents | None) -> None:  # fmt: skip
         self.workdir, self.store, self.is_main, self.config = workdir, store, is_main, config
-        self.history = history
+        self.history, self.so_far, self.events = history, so_far, events
         self.best_accuracy = max((h["val_accuracy"] for h in history), default=-1.0)
         self.run_start = time.time() - (history[-1]["wall_seconds"] if history else 0.0)
         self.last_plot, self.last_save = 0.0, time.time()
@@ -143,36 +163,50 @@ class _Bookkeeping:
     def _save(self, state: train.TrainState, meta: dict) -> None:
         self.store.save(state, meta, best=self.pending_best)
         self.pending_best, self.last_save = None, time.time()
+        self.so_far.saved = (int(state.step), describe_position(meta, meta["batches_in_epoch"]))
 
-    def interrupt_mid_epoch(self, state, sums, epoch: int, batch: int, position: dict):
-        """Saves the batch position and the epoch's partial sums, then raises Interrupted."""
+    def _stopped(self, state: train.TrainState, meta: dict) -> Interrupted:
+        self.store.wait()
+        return Interrupted(
+            f"stopped by signal {self.received[0]} at step {int(state.step)} "
+            f"({describe_position(meta, meta['batches_in_epoch'])}); checkpoint saved in "
+            f"{self.store.latest_dir}; continue with the same command plus --resume")  # fmt: skip
+
+    def interrupt_mid_epoch(self, state, sums, epoch: int, position: dict) -> Interrupted:
+        """Saves the batch position and the epoch's partial sums; returns the Interrupted."""
         step = int(state.step)
         metrics.check_finite(metrics.finalize(sums)["loss"], step, epoch)
         metrics.check_finite_params(state.variables, step, epoch)
         partial = {k: float(v) for k, v in jax.device_get(sums).items()}
-        self._save(state, {**position, "history": self.history, "partial": partial})
-        self.store.wait()
-        raise Interrupted(
-            f"stopped by signal {self.received[0]} at step {step} (epoch {epoch}, batch "
-            f"{batch}); checkpoint saved in {self.store.latest_dir}; continue with the same "
-            f"command plus --resume"
-        )
+        meta = {**position, "history": self.history, "partial": partial}
+        self._save(state, meta)
+        return self._stopped(state, meta)
+
+    def stop_if_signalled(self, state: train.TrainState, meta: dict) -> None:
+        """At an epoch boundary: saves it (unless just saved) and raises on a signal."""
+        if self.received:
+            if self.so_far.saved is None or self.so_far.saved[0] != int(state.step):
+                self._save(state, meta)
+            raise self._stopped(state, meta)
 
     def end_epoch(
-        self, state, epoch: int, phase: phases.PhaseSetup, train_metrics: dict, val: dict,
-        seconds: float, *, improved: bool, last: bool, position: dict,
-    ) -> None:  # fmt: skip
+        self, state, epoch: int, setup: phases.PhaseSetup, phase_start_step: int,
+        train_metrics: dict, val: dict, seconds: float, *, improved: bool, last: bool,
+        position: dict,
+    ) -> dict:  # fmt: skip
         """Records the epoch, saves when due, writes the reports; raises on a signal.
 
         The learning rates recorded are those of the epoch's last step (the schedules decay
-        within a phase; the phase's peak is in the config).
+        within a phase, counting from its first step; the phase's peak is in the config).
+        Returns the epoch's checkpoint metadata.
         """
         step = int(state.step)
         record = {
-            "epoch": epoch, "phase": phase.phase.name,
+            "epoch": epoch, "phase": setup.phase.name,
             "train_loss": train_metrics["loss"], "train_accuracy": train_metrics["accuracy"],
             "val_loss": val["loss"], "val_accuracy": val["accuracy"],
-            **phase.learning_rates(step - 1), "epoch_seconds": round(seconds, 3),
+            **setup.learning_rates(step - phase_start_step - 1),
+            "epoch_seconds": round(seconds, 3),
             "wall_seconds": round(time.time() - self.run_start, 3),
             "images_per_second": round(train_metrics["count"] / max(seconds, 1e-9), 1),
         }  # fmt: skip
@@ -183,54 +217,73 @@ class _Bookkeeping:
                 "val_accuracy": val["accuracy"]}  # fmt: skip
         if improved:
             self.pending_best = checkpoints.BestSnapshot.of(state, meta, host_variables)
-        due = time.time() - self.last_save >= self.config.checkpoint_every_seconds
-        if last or self.received or due:
+        if last or self.received or time.time() - self.last_save >= (
+            self.config.checkpoint_every_seconds
+        ):
             self._save(state, meta)
         log.info("epoch %d [%s] train loss %.4f acc %.4f | val loss %.4f acc %.4f | "
-                 "%.1f s, %.0f img/s", epoch, phase.phase.name, record["train_loss"],
+                 "%.1f s, %.0f img/s", epoch, setup.phase.name, record["train_loss"],
                  record["train_accuracy"], record["val_loss"], record["val_accuracy"],
                  seconds, record["images_per_second"])  # fmt: skip
         if self.is_main:
             plot = last or bool(self.received) or (
                 time.time() - self.last_plot >= PLOT_EVERY_SECONDS)
-            metrics.write_reports(self.workdir, self.history, plot=plot)
+            report.write_reports(self.workdir, self.history, plot=plot)
             self.last_plot = time.time() if plot else self.last_plot
-        if self.received:  # the signal came during the last batch or the evaluation
-            self.store.wait()
-            raise Interrupted(
-                f"stopped by signal {self.received[0]} at step {step} (end of epoch {epoch}); "
-                f"checkpoint saved in {self.store.latest_dir}; continue with the same command "
-                f"plus --resume"
-            )
+            self.events.add(record)
+        self.stop_if_signalled(state, meta)  # it came in the last batch or the evaluation
+        return meta
 
 
-def fit(config: TrainConfig, workdir: str | os.PathLike, *, resume: bool = False) -> FitResult:
+def fit(config: TrainConfig, workdir: str | os.PathLike, *, resume: bool = False,
+        overwrite: bool = False, command: str | None = None,
+        signals: interrupts.StopSignals | None = None) -> FitResult:  # fmt: skip
     """Trains as ``config`` says, checkpointing into ``workdir``; returns the summary.
 
     Args:
       config: the run.
-      workdir: output folder (created); holds config.json, checkpoints, metrics, curves.
+      workdir: output folder (created); holds config.json, checkpoints, metrics, curves,
+        TensorBoard events.
       resume: continue from the workdir's latest complete checkpoint (same step, optimizer
-        state, RNG and data order), if there is one.
+        state, RNG and data order), if there is one; more epochs than the run was planned
+        with extend the phase it completed last (``flaxcnn.resume.phases_to_run``).
+      overwrite: replace a run already in ``workdir``; it is deleted only once everything
+        that can reject this run (flags, data, weights) has passed.
+      command: the command line for the run record (default: this process's).
+      signals: SIGINT/SIGTERM handlers already installed by the caller (the CLI); by default
+        ``fit`` installs its own for the call (main thread only).
 
     Returns:
-      The summary (``{'epochs': history, 'best_val_accuracy', 'test'?, ...}`` as in
-      metrics.json), the module and the final TrainState.
+      The summary (``{'epochs': history, 'best_val_accuracy', 'test'?, 'test_best'?, ...}``
+      as in metrics.json), the module and the final TrainState.
+
+    Raises:
+      Interrupted: SIGINT/SIGTERM (or Ctrl-C) stopped the run; at a step boundary a
+        checkpoint was saved first. The message names what is saved.
     """
-    stores: list[checkpoints.RunCheckpoints] = []
-    try:
-        return _fit(config, workdir, resume, stores)
-    finally:
-        for store in stores:
-            store.close()
-
-
-def _fit(config: TrainConfig, workdir, resume: bool, stores: list) -> FitResult:
     workdir = pathlib.Path(workdir).expanduser().resolve()
+    so_far = _SoFar(workdir)
+    stop_signals = signals or interrupts.StopSignals()
+    try:
+        with contextlib.ExitStack() as closing:
+            if signals is None and stop_signals.install():
+                closing.callback(stop_signals.uninstall)
+            return _fit(config, workdir, resume, overwrite, command, stop_signals, so_far,
+                        closing)  # fmt: skip
+    except Interrupted:
+        raise
+    except KeyboardInterrupt:  # outside the training loop: nothing more to save
+        raise Interrupted(so_far.stop_message(stop_signals.first)) from None
+
+
+def _fit(config: TrainConfig, workdir: pathlib.Path, resume: bool, overwrite: bool, command,
+         signals: interrupts.StopSignals, so_far: _SoFar, closing) -> FitResult:  # fmt: skip
     is_main = jax.process_index() == 0
-    # Everything that can reject the run (phases, batch size, data, weights) comes before
-    # the first write into the workdir, so that a bad setting leaves nothing behind.
+    # Everything that can reject the run (phases, batch size, data, weights, a resume that
+    # changes an ended phase) comes before the first write into the workdir, so that a bad
+    # setting leaves nothing behind.
     config = config.resolved()
+    resume_lib.check_workdir(workdir, resume=resume, overwrite=overwrite)
     plan = phases.plan(config)
     mesh = sharding.make_mesh()
     sharding.check_batch_size(config.batch_size, mesh)
@@ -246,6 +299,7 @@ def _fit(config: TrainConfig, workdir, resume: bool, stores: list) -> FitResult:
         raise ConfigError(f"--batch-size {config.batch_size} exceeds the "
                           f"{dataset.split_sizes['train']} usable training images of "
                           f"{dataset.name}; lower --batch-size")  # fmt: skip
+    signals.check()
     log.info("devices: %d x %s (%s backend), %d process(es)", mesh.devices.size,
              jax.devices()[0].device_kind, jax.default_backend(), jax.process_count())  # fmt: skip
     for note in dataset.notes:
@@ -257,6 +311,7 @@ def _fit(config: TrainConfig, workdir, resume: bool, stores: list) -> FitResult:
         "format": FORMAT, "model": mconfig, "image_size": list(hw),
         "preprocessing": preprocessing, "class_names": list(dataset.class_names),
         "data": dataset.name, "config": dataclasses.asdict(config),
+        "phase_epochs": [phase.epochs for phase in plan],
     }  # fmt: skip
     shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
     pipeline = dict(batch_size=config.batch_size, image_size=hw, preprocessing=preprocessing)
@@ -267,127 +322,148 @@ def _fit(config: TrainConfig, workdir, resume: bool, stores: list) -> FitResult:
     abstract = jax.eval_shape(model.init, rng, jnp.zeros((1, *hw, 3)))
     setups = [phases.setup(phase, abstract["params"], model, mesh, config, steps_per_epoch)
               for phase in plan]  # fmt: skip
-    start, state, variables = _starting_point(config, model, setups, abstract, hw, rng,
-                                              latest_dir, mesh, resume)  # fmt: skip
+    start, state = resume_lib.starting_point(setups, abstract, rng, latest_dir, mesh,
+                                             steps_per_epoch) if resume else (
+        dict(resume_lib.FRESH_START), None)  # fmt: skip
+    variables = state.variables if state is not None else initial_variables(
+        config, model, hw, jax.random.fold_in(rng, 1))  # fmt: skip
+    so_far.fresh = not (resume and holds_run(workdir))
+    if state is not None:
+        so_far.saved = (int(state.step), describe_position(start, steps_per_epoch))
+    todo = resume_lib.phases_to_run(plan, start, workdir)
+    if state is not None and not todo:
+        summary = resume_lib.nothing_to_train(workdir, start, int(state.step), plan,
+                                              steps_per_epoch)  # fmt: skip
+        return FitResult(summary, model, state)
+    signals.check()
+
+    so_far.existed = workdir.exists()
+    if overwrite and not resume and holds_run(workdir) and is_main:
+        shutil.rmtree(workdir)  # the run it replaces: only now that this one can start
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("flaxcnn: the replaced run is deleted")
     workdir.mkdir(parents=True, exist_ok=True)
+    so_far.written = True
+    history = list(start["history"])
+    events = None
     if is_main:
-        config.save(workdir / "config.json")
+        resume_lib.write_record(workdir / "config.json", config, command=command,
+                                start_step=int(state.step) if state is not None else 0,
+                                resumed=not so_far.fresh)  # fmt: skip
+        report.write_unreadable_list(workdir, dataset.skipped)
+        events = report.TensorBoardEvents(workdir, history)
+        closing.callback(events.close)
     store = checkpoints.RunCheckpoints(workdir, config.keep_checkpoints)
-    stores.append(store)
+    closing.callback(store.close)
 
-    book = _Bookkeeping(workdir, store, is_main, config, list(start["history"]))
-    with _stop_on_signals() as received:
-        book.received = received
-        for phase_index, (phase, setup) in enumerate(zip(plan, setups, strict=True)):
-            if phase_index < start["phase_index"] or (
-                phase_index == start["phase_index"] and start["phase_complete"]
-            ) or phase.epochs == 0:
-                continue
-            resuming_here = phase_index == start["phase_index"] and state is not None
-            if not resuming_here:
-                step = int(state.step) if state is not None else 0
-                state = setup.initial_state(variables, jax.random.fold_in(rng, 2), step)
-                # On the mesh before step 1, or step 2 (fed step 1's output) compiles again.
-                state = sharding.replicate(state, mesh)
-            steps = setup.steps
-            log.info("%s", setup.describe(state.params, bool(state.batch_stats),
-                                          config.backbone is None))  # fmt: skip
-            source = phases.PhaseData.build(phase, dataset, model, state, mesh, config, pipeline,
-                                            shard)  # fmt: skip
-
-            first_epoch_in_phase = start["epoch_in_phase"] if resuming_here else 0
-            epoch_offset = (start["epoch"] - first_epoch_in_phase) if resuming_here else (
-                book.history[-1]["epoch"] if book.history else 0)  # fmt: skip
-            stale = _stale_epochs(book.history, phase.name) if resuming_here else 0
+    book = _Bookkeeping(workdir, store, is_main, config, history, so_far, events)
+    for phase_index, (phase, setup) in enumerate(zip(plan, setups, strict=True)):
+        if phase_index not in todo:
+            continue
+        first_epoch_in_phase = todo[phase_index]
+        resuming_here = phase_index == start["phase_index"] and state is not None
+        n_resumed = start["batches_in_epoch"] or steps_per_epoch
+        if resuming_here:  # the schedules count from the phase's first step
+            phase_start_step = (int(state.step) - start["epoch_in_phase"] * n_resumed
+                                - start["batch"])  # fmt: skip
+            if start["phase_complete"]:
+                resume_lib.log_extension(setup, start["epoch_in_phase"], config.lr_schedule,
+                                         int(state.step) - phase_start_step)  # fmt: skip
+        else:
+            phase_start_step = int(state.step) if state is not None else 0
+            state = setup.initial_state(variables, jax.random.fold_in(rng, 2), phase_start_step)
+            # On the mesh before step 1, or step 2 (fed step 1's output) compiles again.
+            state = sharding.replicate(state, mesh)
+        log.info("%s", setup.describe(state.params, bool(state.batch_stats),
+                                      config.backbone is None))  # fmt: skip
+        so_far.stage = f"as phase {phase.name} was being prepared"
+        source = phases.PhaseData.build(phase, dataset, model, state, mesh, config, pipeline,
+                                        shard)  # fmt: skip
+        so_far.stage = f"in phase {phase.name}"
+        epoch_offset = (start["epoch"] - first_epoch_in_phase) if resuming_here else (
+            history[-1]["epoch"] if history else 0)  # fmt: skip
+        stale = resume_lib.stale_epochs(history, phase.name) if resuming_here else 0
+        with signals.deferred() as received:  # the loop stops at step boundaries, saving
+            book.received = received
+            meta = None
             for epoch_in_phase in range(first_epoch_in_phase, phase.epochs):
+                if meta is not None:
+                    book.stop_if_signalled(state, meta)
                 epoch = epoch_offset + epoch_in_phase + 1
                 resumed_epoch = resuming_here and epoch_in_phase == first_epoch_in_phase
                 start_batch = start["batch"] if resumed_epoch else 0
                 partial = start["partial"] if start_batch else None
-                position = {**base_metadata, "phase_index": phase_index}
+                position = {**base_metadata, "phase_index": phase_index,
+                            "batches_in_epoch": source.n_batches}  # fmt: skip
                 t_epoch = time.time()
-                progress = _EpochProgress(
-                    f"epoch {epoch} [{phase.name}]", epoch, source.n_batches, start_batch,
-                    int(state.step), config.log_every, enabled=is_main, stop=received)  # fmt: skip
+                desc = f"epoch {epoch} [{phase.name}]"
+                display = report.EpochProgressDisplay(
+                    desc, source.n_batches, start_batch, config.batch_size, enabled=is_main,
+                    announce=source.cache is None)  # fmt: skip
+                progress = _EpochProgress(display, epoch, source.n_batches, start_batch,
+                                          int(state.step), config.log_every,
+                                          stop=received)  # fmt: skip
                 try:  # closed on errors too: a NaN message must not land on the bar's line
-                    state, sums = source.run_epoch(steps, state, epoch, start_batch, partial,
-                                                   progress)  # fmt: skip
+                    state, sums = source.run_epoch(setup.steps, state, epoch, start_batch,
+                                                   partial, progress)  # fmt: skip
                 finally:
-                    progress.close()
+                    display.close()
                 if received and progress.done < source.n_batches:
-                    book.interrupt_mid_epoch(state, sums, epoch, progress.done, {
+                    raise book.interrupt_mid_epoch(state, sums, epoch, {
                         **position, "epoch": epoch - 1, "epoch_in_phase": epoch_in_phase,
                         "batch": progress.done, "phase_complete": False})  # fmt: skip
                 train_metrics = metrics.finalize(sums)
                 metrics.check_finite(train_metrics["loss"], int(state.step), epoch)
-                val = source.evaluate(steps, state.variables)
+                val = source.evaluate(setup.steps, state.variables)
                 improved = val["accuracy"] >= book.best_accuracy  # ties: the later, more trained
                 stale = 0 if improved else stale + 1
                 last = epoch_in_phase + 1 == phase.epochs or bool(
                     config.early_stopping_patience and stale >= config.early_stopping_patience)
-                book.end_epoch(state, epoch, setup, train_metrics, val, time.time() - t_epoch,
-                               improved=improved, last=last, position={
-                                   **position, "epoch": epoch, "epoch_in_phase": epoch_in_phase + 1,
-                                   "batch": 0, "phase_complete": last})  # fmt: skip
+                meta = book.end_epoch(
+                    state, epoch, setup, phase_start_step, train_metrics, val,
+                    time.time() - t_epoch, improved=improved, last=last, position={
+                        **position, "epoch": epoch, "epoch_in_phase": epoch_in_phase + 1,
+                        "batch": 0, "phase_complete": last})  # fmt: skip
                 if last:
                     if stale and config.early_stopping_patience:
                         log.info("early stopping: no validation improvement for %d epochs", stale)
                     break
-            store.wait()
-            variables = state.variables
-            start = {**start, "phase_index": -1}
+        store.wait()
+        signals.check()
+        variables = state.variables
 
-    history, best_accuracy = book.history, book.best_accuracy
-    summary = {"best_val_accuracy": best_accuracy, "class_names": list(dataset.class_names),
-               "phases": [p.name for p in plan]}  # fmt: skip
+    so_far.stage = "during the final evaluation"
+    summary = {"best_val_accuracy": book.best_accuracy, "phases": [p.name for p in plan],
+               "class_names": list(dataset.class_names)}  # fmt: skip
     if "test" in dataset.split_sizes and state is not None:
-        eval_steps = train.make_steps(model.apply, train.frozen_tree(
-            optim.path_labels(state.params, optim.ALL_TRAINABLE)), mesh,
-            update_batch_stats=False)  # fmt: skip
-        summary["test"] = train.evaluate(eval_steps, state.variables,
-                                         data.eval_batches(dataset, "test", **pipeline, **shard),
-                                         mesh)  # fmt: skip
-        log.info("test: loss %.4f acc %.4f on %d images", summary["test"]["loss"],
-                 summary["test"]["accuracy"], summary["test"]["count"])  # fmt: skip
+        summary.update(_test_results(model, state, workdir, history, dataset, mesh,
+                                     {**pipeline, **shard}))  # fmt: skip
     store.wait()
+    signals.check()
     if is_main:
-        metrics.write_reports(workdir, history, summary=summary)
+        report.write_reports(workdir, history, summary=summary)
     return FitResult({"epochs": history, **summary}, model, state)
 
 
-def _starting_point(config: TrainConfig, model, setups: list[phases.PhaseSetup], abstract, hw,
-                    rng, latest_dir, mesh, resume: bool):  # fmt: skip
-    """Where the run starts: the workdir's own latest checkpoint when resuming, else the
-    pretrained (or random) initialisation. Returns ``(position, state or None, variables)``."""
-    start = {"phase_index": 0, "epoch": 0, "epoch_in_phase": 0, "batch": 0,
-             "phase_complete": False, "history": [], "partial": None}  # fmt: skip
-    variables = state = None
-    if resume and checkpoints.complete_steps(latest_dir):
-        zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract)
-        template_for = lambda meta: setups[meta["phase_index"]].initial_state(zeros, rng)
-        restored = checkpoints.restore_latest_state(latest_dir, template_for, mesh)
-        if restored is not None:
-            state, metadata = restored
-            start = {k: metadata[k] for k in start}
-            variables = state.variables
-            log.info("resumed from %s at step %d (epoch %d, batch %d)", latest_dir,
-                     int(state.step), start["epoch"], start["batch"])  # fmt: skip
-        else:
-            log.warning("--resume: no readable checkpoint in %s, starting fresh", latest_dir)
-    elif resume:
-        log.info("--resume: no checkpoint in %s yet, starting fresh", latest_dir)
-    if variables is None:
-        variables = initial_variables(config, model, hw, jax.random.fold_in(rng, 1))
-    return start, state, variables
-
-
-def _stale_epochs(history: list[dict], phase_name: str) -> int:
-    """Epochs of ``phase_name`` since its last validation improvement, replayed from the
-    history, so that early stopping counts the same across a resume."""
-    best, stale = -1.0, 0
-    for record in history:
-        improved = record["val_accuracy"] >= best
-        best = max(best, record["val_accuracy"])
-        if record["phase"] == phase_name:
-            stale = 0 if improved else stale + 1
-    return stale
+def _test_results(model, state, workdir: pathlib.Path, history: list[dict], dataset, mesh,
+                  pipeline: dict) -> dict[str, dict]:  # fmt: skip
+    """Test-split metrics of the last state and of the checkpoint ``checkpoints.restore``
+    loads from the workdir (the best by validation accuracy)."""
+    labels = optim.path_labels(state.params, optim.ALL_TRAINABLE)
+    steps = train.make_steps(model.apply, train.frozen_tree(labels), mesh,
+                             update_batch_stats=False)  # fmt: skip
+    evaluate = lambda variables: train.evaluate(
+        steps, variables, data.eval_batches(dataset, "test", **pipeline), mesh)
+    results = {"test": {**evaluate(state.variables), "epoch": history[-1]["epoch"]}}
+    _, best_variables, best_metadata = checkpoints.restore(workdir)
+    best_epoch = best_metadata["epoch"]
+    if best_epoch == history[-1]["epoch"] and not best_metadata.get("batch"):
+        results["test_best"] = dict(results["test"])  # the same weights
+    else:
+        best = evaluate(sharding.replicate(best_variables, mesh))
+        results["test_best"] = {**best, "epoch": best_epoch}
+    for key, what in (("test_best", "best checkpoint"), ("test", "last state")):
+        r = results[key]
+        log.info("test (%s, epoch %d): loss %.4f acc %.4f on %d images", what, r["epoch"],
+                 r["loss"], r["accuracy"], r["count"])  # fmt: skip
+    return results

@@ -1,18 +1,28 @@
-"""The CLI end to end on a small slice of the real photos, with the real weights."""
+"""The CLI end to end on a small slice of the real photos, with the real weights; its --help,
+the package version, and a quiet TensorFlow."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
+import pathlib
+import re
 import subprocess
 import sys
+import tomllib
 
 import jax
 import numpy as np
 import pytest
 from tolerances import assert_close
 
+import flaxcnn
 from flaxcnn import checkpoints, predict
+from flaxcnn.experiments import transfer
+from flaxcnn.models import CONV_IMPLS
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
@@ -87,3 +97,50 @@ def test_fit_checkpoints_restore_to_the_in_memory_model(tiny_cats_vs_dogs, tmp_p
     # Pointing at a non-checkpoint folder says what to pass.
     with pytest.raises(checkpoints.CheckpointError, match="pass a run folder"):
         checkpoints.restore(tmp_path)
+
+
+def test_help_shows_each_default_once_and_the_conv_impl_choices(capsys):
+    with pytest.raises(SystemExit) as done:
+        transfer.main(["--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines anywhere
+    assert "(default: None)" not in text and "(default: False)" not in text
+    # Each option's entry: its flags up to the next option's.
+    entries = re.split(r" (?=--[a-z][a-z-]+(?: [A-Z_{]|,| --no-| [a-z(]))", text)
+    entries = [e for e in entries if e.startswith("--")]
+    assert len(entries) > 25
+    repeated = [e for e in entries if e.count("default") > 1]
+    assert not repeated, repeated
+    for shown in ("(default: 32)", "(default: cosine)", "(0: off) (default: 0)"):
+        assert shown in text  # --batch-size, --lr-schedule, --early-stopping-patience
+    assert f"--conv-impl {{{','.join(CONV_IMPLS)}}}" in text
+
+
+def test_version_comes_from_the_package_metadata_that_pyproject_defines():
+    pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    assert flaxcnn.__version__ == importlib.metadata.version("flaxcnn")
+    assert flaxcnn.__version__ == pyproject["project"]["version"]
+
+
+def test_importing_flaxcnn_data_and_decoding_a_truncated_jpeg_prints_nothing(
+    tiny_cats_vs_dogs, tmp_path
+):
+    """TensorFlow's start-up lines (oneDNN, CUDA stubs, absl) and its jpeg_mem.cc decode errors
+    stay out of stderr by default; TF_CPP_MIN_LOG_LEVEL=0, set by the user, shows them."""
+    photo = next((tiny_cats_vs_dogs / "train" / "cat").glob("*.jpg")).read_bytes()
+    folder = tmp_path / "data"
+    for label in ("cat", "dog"):
+        (folder / "train" / label).mkdir(parents=True)
+        (folder / "train" / label / "ok.jpg").write_bytes(photo)
+    (folder / "train" / "cat" / "truncated.jpg").write_bytes(photo[: len(photo) // 2])
+    script = (f"import flaxcnn.data as d; s = d.open_dataset({str(folder)!r}, download=False); "
+              "print(s.skipped)")  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    quiet = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                           text=True, timeout=300)  # fmt: skip
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    assert "truncated.jpg" in quiet.stdout  # it was decoded, and found broken
+    assert quiet.stderr == ""
+    loud = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**env, "TF_CPP_MIN_LOG_LEVEL": "0"}, timeout=300)  # fmt: skip
+    assert loud.returncode == 0 and "jpeg_mem" in loud.stderr and "absl" in loud.stderr

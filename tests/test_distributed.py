@@ -38,7 +38,7 @@ import optax
 import pytest
 from tolerances import assert_within, max_abs, max_diff
 
-from flaxcnn import checkpoints, data, metrics, optim, sharding, train
+from flaxcnn import checkpoints, data, metrics, optim, report, sharding, train
 from flaxcnn.config import TrainConfig
 from flaxcnn.models import build_model, get_backbone
 from flaxcnn.models.mobilenet_v2 import MobileNetV2
@@ -362,10 +362,10 @@ def _multihost_worker(data_dir: str, workdir: str, out_path: str) -> None:
         seen["reports"] += 1
         return write_reports(*args, **kwargs)
 
-    write_reports = metrics.write_reports
+    write_reports = report.write_reports
     data.eval_batches = spy_batches(data.eval_batches)
     data.train_batches = spy_batches(data.train_batches)
-    metrics.write_reports = spy_reports
+    report.write_reports = spy_reports
     run.fit(_config(data_dir), workdir, resume=True)
     pathlib.Path(out_path).write_text(json.dumps({
         "process_index": jax.process_index(), "process_count": jax.process_count(),

@@ -1,5 +1,6 @@
-"""Faults a run must survive, each injected for real: kill -9, SIGTERM/SIGINT, broken
-checkpoints, NaN, broken images, bad flags and paths. README.md "Failure modes" lists them.
+"""Faults a run must survive, each injected for real: kill -9, SIGTERM/SIGINT (at any
+moment), broken checkpoints, NaN, broken images, bad flags and paths; and what a run leaves
+in its workdir and log. README.md "Failure modes" lists them.
 
 The end-to-end tests run the real CLI in subprocesses on a tiny MobileNetV2 (alpha 0.35,
 32x32, random init, 'lax' convs) over 16+8 real photos per class plus broken and odd image
@@ -30,7 +31,9 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from flaxcnn import checkpoints
+import flaxcnn
+from flaxcnn import checkpoints, report, tf_runtime
+from flaxcnn.config import TrainConfig
 from flaxcnn.experiments import transfer
 
 PROG = "python -m flaxcnn.experiments.transfer"
@@ -43,6 +46,10 @@ RUN_FLAGS = [
     "--checkpoint-every-seconds", "0",
 ]  # fmt: skip
 TIMING = {"epoch_seconds", "wall_seconds", "images_per_second"}
+UNREADABLE = ["train/cat/empty.jpg", "train/cat/truncated.jpg", "train/dog/notes.jpg"]
+# What TensorFlow's C++ libraries print unless flaxcnn keeps them quiet (flaxcnn.tf_runtime).
+TENSORFLOW_NOISE = ("oneDNN", "cudart_stub", "absl::InitializeLog", "cuInit", "jpeg_mem",
+                    "I0000", "W0000", "E0000")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- fixtures
@@ -60,9 +67,11 @@ def _restore_cli_logging():
 
 @pytest.fixture(scope="module")
 def messy_data(tiny_cats_vs_dogs, tmp_path_factory) -> pathlib.Path:
-    """The tiny photo folder plus 3 unreadable files and 5 odd-but-valid images in train/."""
+    """The tiny photo folder plus 3 unreadable files and 5 odd-but-valid images in train/,
+    and a test split (the validation photos)."""
     root = tmp_path_factory.mktemp("messy") / "data"
     shutil.copytree(tiny_cats_vs_dogs, root)
+    shutil.copytree(root / "validation", root / "test")
     cat, dog = root / "train" / "cat", root / "train" / "dog"
     photo = next(iter(sorted(cat.glob("*.jpg")))).read_bytes()
     (cat / "empty.jpg").write_bytes(b"")
@@ -87,10 +96,13 @@ def cache_dir(tmp_path_factory) -> pathlib.Path:
 def env(cache_dir) -> dict[str, str]:
     # JAX_PLATFORMS=cpu: bit-identical results are a CPU guarantee (README.md, Failure modes).
     # XLA's CPU backend at -O0 compiles MobileNetV2 about 3x faster; every process of these
-    # tests uses it, so their results stay comparable bit for bit.
+    # tests uses it, so their results stay comparable bit for bit. TF_CPP_MIN_LOG_LEVEL is
+    # left unset, as a user has it: the runs' logs must hold no TensorFlow noise.
     xla_flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0"
-    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "FLAXCNN_CACHE": str(cache_dir),
-            "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags.strip()}  # fmt: skip
+    env = {**os.environ, "FLAXCNN_CACHE": str(cache_dir), "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": xla_flags.strip()}  # fmt: skip
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    return env
 
 
 class Run:
@@ -207,6 +219,34 @@ def _final_state(workdir: pathlib.Path) -> tuple[int, dict]:
     return step, jax.tree.map(np.asarray, ocp.StandardCheckpointer().restore(path))
 
 
+def _tensorboard_scalars(workdir: pathlib.Path) -> dict[tuple[str, str], list]:
+    """``{(run, tag): [(step, value), ...]}`` read back from the run's event files."""
+    tf = tf_runtime.tensorflow()
+    scalars: dict[tuple[str, str], list] = {}
+    for run in ("train", "validation"):
+        for path in sorted((workdir / report.TENSORBOARD_DIR / run).glob("events.out.tfevents.*")):
+            for event in tf.compat.v1.train.summary_iterator(str(path)):
+                for value in event.summary.value:
+                    assert value.metadata.plugin_data.plugin_name == "scalars"
+                    scalars.setdefault((run, value.tag), []).append(
+                        (event.step, float(tf.make_ndarray(value.tensor))))
+    return scalars
+
+
+def _assert_events_match_metrics(workdir: pathlib.Path) -> None:
+    """Every per-epoch scalar of metrics.json is in the events once, in order, none more."""
+    epochs = json.loads((workdir / "metrics.json").read_text())["epochs"]
+    scalars = _tensorboard_scalars(workdir)
+    tags = {tag for key, tag in report.TENSORBOARD_SCALARS.items() if key in epochs[0]}
+    assert set(scalars) >= tags and len(tags) >= 5
+    for key, (run, tag) in report.TENSORBOARD_SCALARS.items():
+        want = [(e["epoch"], e[key]) for e in epochs if key in e]
+        got = scalars.get((run, tag), [])
+        assert [step for step, _ in got] == [step for step, _ in want], (run, tag)
+        # Events hold float32: within half an ulp of float32 of metrics.json's float64.
+        np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=2**-24)
+
+
 def _comparable(epochs: list[dict]) -> list[dict]:
     return [{k: v for k, v in e.items() if k not in TIMING} for e in epochs]
 
@@ -236,9 +276,9 @@ def _signal_line(output: str, signum: int, epoch: int) -> tuple[int, int]:
     assert "Traceback" not in output, output[-3000:]
     line = output.strip().splitlines()[-1]
     match = re.fullmatch(
-        rf"{PROG}: stopped by signal {signum} at step (\d+) \((?:epoch {epoch}, batch (\d+)|"
-        rf"end of epoch {epoch})\); checkpoint saved in (\S+); continue with the same command "
-        r"plus --resume",
+        rf"{PROG}: stopped by signal {signum} at step (\d+) \((?:epoch {epoch}, batch (\d+) of "
+        rf"{STEPS_PER_EPOCH}|end of epoch {epoch})\); checkpoint saved in (\S+); continue with "
+        r"the same command plus --resume",
         line,
     )
     assert match, line
@@ -295,7 +335,9 @@ def test_kill_9_signals_and_broken_checkpoints_then_resume_equals_an_uninterrupt
     run.proc.send_signal(signal.SIGINT)
     rc, output = run.wait()
     assert rc == 130, output[-3000:]
-    assert f"resumed from {latest} at step {step} (epoch 2, batch {batch})" in output
+    # The resume names the position in the words the stop used.
+    assert (f"resumed from {latest} at step {step} (epoch 3, batch {batch} of "
+            f"{STEPS_PER_EPOCH})") in output  # fmt: skip
     _signal_line(output, int(signal.SIGINT), epoch=4)  # mid-epoch, or at its end if late
     reference.result()
     got = json.loads((workdir / "metrics.json").read_text())["epochs"]
@@ -320,6 +362,144 @@ def test_kill_9_signals_and_broken_checkpoints_then_resume_equals_an_uninterrupt
         assert (latest / f"{broken.name}.unreadable").is_dir()
     assert checkpoints.complete_steps(latest)[-2:] == [epoch_end(3), epoch_end(4)]
     _assert_same_run(workdir, reference.workdir)
+    # Epochs 3-4 ran three times (stopped, fallen back to epoch 2): TensorBoard has each once.
+    _assert_events_match_metrics(workdir)
+
+
+# ------------------------------------------------------------- a signal at any moment
+
+STOPPED_BEFORE_ANY_CHECKPOINT = (
+    rf"{PROG}: stopped by signal {{signum}} (?:during start-up, before anything was written|"
+    r"(?:during start-up|as phase head was being prepared|in phase head), before any checkpoint "
+    r"was saved); run the same command again"
+)
+STOPPED_AT_A_STEP = (
+    rf"{PROG}: stopped by signal {{signum}} at step \d+ \((?:epoch 1, batch \d of "
+    rf"{STEPS_PER_EPOCH}|end of epoch 1)\); checkpoint saved in \S+; continue with the same "
+    r"command plus --resume"
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("signum", "moment"),
+    [
+        (signal.SIGINT, 0.5),  # importing JAX and TensorFlow
+        (signal.SIGTERM, "devices: "),  # building the model, initialising, compiling
+        (signal.SIGINT, "phase head: "),  # caching the features, compiling the first step
+    ],
+)
+def test_a_signal_at_any_moment_of_start_up_stops_with_exit_130_and_one_line(
+    signum, moment, messy_data, env, tmp_path
+):
+    """Ctrl-C in the first seconds used to be lost (swallowed in JAX's GC callback: the run
+    finished with exit 0). Every moment gets exit 130 and one line saying what is saved."""
+    workdir = tmp_path / "run"
+    run = Run(workdir, messy_data, env)
+    if isinstance(moment, float):
+        time.sleep(moment)
+    else:
+        run.wait_until(lambda: moment in run.output, poll=0.01)
+    run.proc.send_signal(signum)
+    rc, output = run.wait()
+    assert rc == 130, output[-3000:]
+    assert "Traceback" not in output and "Exception ignored" not in output, output[-3000:]
+    lines = output.strip().splitlines()
+    nothing_saved = re.fullmatch(STOPPED_BEFORE_ANY_CHECKPOINT.format(signum=signum), lines[-1])
+    assert nothing_saved or re.fullmatch(STOPPED_AT_A_STEP.format(signum=signum), lines[-1]), (
+        lines[-1])
+    if nothing_saved:  # and nothing left behind: the same command runs again as it is
+        assert not workdir.exists()
+    if isinstance(moment, float):
+        assert len(lines) == 1, lines
+
+
+# ------------------------------------------------------ what a run leaves, what it logs
+
+
+@pytest.mark.slow
+def test_the_run_records_what_ran_logs_plain_lines_and_no_tensorflow_noise(reference, messy_data):
+    """The reference run, its log a file as under Slurm: config.json's record, the list of
+    unreadable images, test results of the best checkpoint and the last state, TensorBoard
+    events equal to metrics.json, progress as plain lines, and not one line of TensorFlow."""
+    _, output = reference.result()
+    workdir = reference.workdir
+    text = (workdir / "config.json").read_text()
+    record = json.loads(text)
+    assert record["workdir"] == str(workdir.resolve())
+    [invocation] = record["invocations"]  # the --overwrite'n older run left no record behind
+    assert invocation["flaxcnn_version"] == flaxcnn.__version__
+    assert invocation["command"].startswith(f"{PROG} --data {messy_data} --no-download ")
+    assert invocation["command"].endswith(" --overwrite") and invocation["start_step"] == 0
+    assert invocation["cwd"] == str(workdir.parent) and "changed" not in invocation
+    assert TrainConfig.from_json(text).finetune_epochs == 2  # still a TrainConfig to read
+
+    assert (workdir / "unreadable_images.txt").read_text().splitlines() == UNREADABLE
+
+    summary = json.loads((workdir / "metrics.json").read_text())
+    _, _, restored = checkpoints.restore(workdir)
+    best, last = summary["test_best"], summary["test"]
+    assert best["epoch"] == restored["epoch"] and last["epoch"] == 4
+    assert best["count"] == last["count"] == 16
+    assert output.strip().splitlines()[-1] == (
+        f"best validation accuracy {summary['best_val_accuracy']:.4f}; test accuracy "
+        f"{best['accuracy']:.4f} (best checkpoint, epoch {best['epoch']}), "
+        f"{last['accuracy']:.4f} (last state); results in {workdir}")  # fmt: skip
+
+    _assert_events_match_metrics(workdir)
+
+    assert "\r" not in output  # no progress bar fragments in a log file
+    for batch in (1, 2):  # --log-every 1: the running metrics of each finished batch
+        assert re.search(rf"epoch 3 \[finetune\] batch {batch}/{STEPS_PER_EPOCH}: loss "
+                         r"\d\.\d{4} acc \d\.\d{4}, \d+ img/s\n", output), output[-3000:]
+    noise = [line for line in output.splitlines() if any(n in line for n in TENSORFLOW_NOISE)]
+    assert not noise
+
+
+@pytest.mark.slow
+def test_a_finished_run_extends_its_last_phase_and_records_only_what_ran(
+    reference, messy_data, env, tmp_path
+):
+    """--resume with more fine-tuning epochs on a finished run trains them (it used to train
+    nothing and rewrite config.json); fewer are refused; the same flags write nothing."""
+    reference.result()
+    workdir = tmp_path / "run"
+    shutil.copytree(reference.workdir, workdir)
+    before = {name: (workdir / name).read_text() for name in ("config.json", "metrics.json")}
+
+    rc, output = Run(workdir, messy_data, env, "--resume", "--finetune-epochs", "1").wait()
+    assert rc == 2, output[-3000:]
+    assert output.strip().splitlines()[-1] == (
+        f"{PROG}: error: --finetune-epochs 1: phase finetune of {workdir} ended after 2 epochs "
+        "(--finetune-epochs 2) and it is complete; pass --finetune-epochs 2 or more to extend "
+        "it, or start a new run (another --workdir, or --overwrite)")  # fmt: skip
+
+    rc, output = Run(workdir, messy_data, env, "--resume").wait()
+    assert rc == 0, output[-3000:]
+    assert f"nothing to train: {workdir} finished at step 16 (end of epoch 4)" in output
+    assert before == {name: (workdir / name).read_text() for name in before}
+
+    rc, output = Run(workdir, messy_data, env, "--resume", "--finetune-epochs", "4").wait()
+    assert rc == 0, output[-3000:]
+    assert "extending phase finetune from 2 to 4 epochs: its cosine schedule is laid out" in output
+    epochs = json.loads((workdir / "metrics.json").read_text())["epochs"]
+    want = json.loads(before["metrics.json"])["epochs"]
+    assert _comparable(epochs[:4]) == _comparable(want)
+    assert [(e["epoch"], e["phase"]) for e in epochs[4:]] == [(5, "finetune"), (6, "finetune")]
+    # The cosine over the 4 epochs (16 steps) from where the phase stood: steps 11 and 15.
+    peak, steps = 1e-3, 4 * STEPS_PER_EPOCH
+    for record, k in zip(epochs[4:], (11, 15), strict=True):
+        rate = peak * 0.5 * (1 + math.cos(math.pi * k / steps))
+        # optax computes the cosine in float32: a few ulps of float32 at the peak's scale.
+        assert record["learning_rate"] == pytest.approx(rate, rel=0, abs=peak * 2**-21)
+    assert checkpoints.complete_steps(workdir / checkpoints.LATEST_DIR)[-1] == 24
+    record = json.loads((workdir / "config.json").read_text())
+    assert record["finetune_epochs"] == 4
+    assert len(record["invocations"]) == 2  # the refused run and the no-op added nothing
+    resumed = record["invocations"][-1]
+    assert resumed["start_step"] == 16 and resumed["changed"]["finetune_epochs"] == [2, 4]
+    assert resumed["command"].endswith("--resume --finetune-epochs 4")
+    _assert_events_match_metrics(workdir)
 
 
 @pytest.mark.slow
@@ -346,7 +526,7 @@ def test_signal_mid_epoch_then_resume_is_bit_identical_at_default_xla_optimisati
     assert 0 < batch < STEPS_PER_EPOCH and step == batch
     rc, output = Run(tmp_path / "run", messy_data, env, *one_epoch, "--resume").wait()
     assert rc == 0, output[-3000:]
-    assert f"at step {step} (epoch 0, batch {batch})" in output
+    assert f"at step {step} (epoch 1, batch {batch} of {STEPS_PER_EPOCH})" in output
     _assert_same_run(tmp_path / "run", tmp_path / "reference", epochs=1)
 
 
@@ -468,6 +648,7 @@ def _bad_folders(root: pathlib.Path) -> dict[str, pathlib.Path]:
         (["--lr-schedule", "linear"], "--lr-schedule", "'cosine', 'constant'"),
         (["--checkpoint-every-seconds", "-1"], "--checkpoint-every-seconds", "a number >= 0"),
         (["--workdir", "{file}/sub"], "--workdir", "not writable"),
+        (["--resume"], "--resume", "holds no run to continue"),
     ],
 )
 def test_bad_flag_exits_non_zero_with_one_line_and_touches_nothing(
@@ -487,7 +668,7 @@ def test_bad_flag_exits_non_zero_with_one_line_and_touches_nothing(
     lines = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(lines) == 1, lines
     assert lines[0].startswith(f"{PROG}: error: ") and flag in lines[0] and allowed in lines[0]
-    assert not workdir.exists() or not any(workdir.iterdir())
+    assert not workdir.exists()  # not even an empty folder is left behind
     assert blocker.read_text().startswith("a regular file")
 
 
@@ -501,6 +682,11 @@ def test_existing_workdir_is_refused_without_resume_and_never_deleted_unless_a_r
     assert transfer.main([*argv, "--workdir", str(previous_run)]) == 2
     line = capsys.readouterr().err.strip()
     assert "\n" not in line and "--workdir" in line and "--resume" in line and "--overwrite" in line
+    assert (previous_run / "config.json").read_text() == "{}"
+    # --overwrite deletes the run only once the new one is accepted: bad data keeps it.
+    bad_data = ["--data", str(tmp_path / "no_such_folder"), "--no-download"]
+    assert transfer.main([*argv, *bad_data, "--workdir", str(previous_run), "--overwrite"]) == 2
+    assert "--data" in capsys.readouterr().err
     assert (previous_run / "config.json").read_text() == "{}"
 
     documents = tmp_path / "documents"  # not a run: --overwrite must not delete it

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 
 import jax
@@ -10,7 +11,7 @@ import pytest
 from flax import traverse_util
 from tolerances import F32_EPS, assert_close, assert_within
 
-from flaxcnn import checkpoints, data, optim, sharding, train
+from flaxcnn import checkpoints, data, optim, report, sharding, train
 from flaxcnn.config import TrainConfig
 from flaxcnn.models import build_model, get_backbone, random_variables
 from flaxcnn.run import fit
@@ -180,6 +181,42 @@ def _tiny_config(data_dir, **changes):
     ).replace(**changes)  # fmt: skip
 
 
+def _assert_recorded_rates_are_the_rates_used(history, steps_per_epoch, epochs):
+    """The learning-rate columns hold the cosine's rate at the epoch's last step, counted from
+    the phase's first step: below the peak, above 0, falling within a phase."""
+    peaks = {"head": {"learning_rate": 1e-2},
+             "finetune": {"learning_rate": 1e-3, "head_learning_rate": 1e-3}}  # fmt: skip
+    done = {"head": 0, "finetune": 0}
+    previous = {}
+    for record in history:
+        phase = record["phase"]
+        done[phase] += 1
+        last_step = done[phase] * steps_per_epoch - 1  # the schedule's count at that step
+        total = epochs[phase] * steps_per_epoch
+        assert set(peaks[phase]) == {k for k in record if k.endswith("learning_rate")}
+        for key, peak in peaks[phase].items():
+            used = peak * 0.5 * (1 + math.cos(math.pi * last_step / total))
+            # optax computes the cosine in float32: a few ulps of float32 at the peak's scale.
+            assert record[key] == pytest.approx(used, rel=0, abs=peak * 2**-21)
+            assert 0 < record[key] < peak
+            assert record[key] < previous.get((phase, key), math.inf)
+            previous[phase, key] = record[key]
+
+
+def test_curves_have_whole_epochs_on_the_axis():
+    history = [{"epoch": e, "phase": "head" if e < 3 else "finetune", "train_loss": 1 / e,
+                "val_loss": 1.1 / e, "train_accuracy": 1 - 0.1 / e, "val_accuracy": 1 - 0.2 / e}
+               for e in (1, 2, 3)]  # fmt: skip
+    figure = report.curves_figure(history)
+    figure.canvas.draw()
+    for axes in figure.axes:
+        low, high = axes.get_xlim()
+        ticks = [t for t in axes.get_xticks() if low <= t <= high]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+        labels = [label.get_text() for label in axes.get_xticklabels() if label.get_text()]
+        assert all(label.isdigit() for label in labels), labels
+
+
 def _comparable(history):
     timing = {"epoch_seconds", "wall_seconds", "images_per_second"}
     return [{k: v for k, v in h.items() if k not in timing} for h in history]
@@ -193,10 +230,12 @@ def test_resume_from_mid_run_checkpoint_reaches_identical_results(
     Fine-tuning evaluates from cached activations of its frozen stages: its metrics must
     equal a full evaluation of the same weights on the images."""
     config = _tiny_config(tiny_cats_vs_dogs)
-    with caplog.at_level("INFO", logger="flaxcnn.run"):
+    with caplog.at_level("INFO", logger="flaxcnn"):  # flaxcnn.run and .phases
         full = fit(config, tmp_path / "full")
     assert [h["phase"] for h in full.summary["epochs"]] == ["head", "head", "finetune"]
     assert [h["epoch"] for h in full.summary["epochs"]] == [1, 2, 3]
+    _assert_recorded_rates_are_the_rates_used(full.summary["epochs"], steps_per_epoch=4,
+                                              epochs={"head": 2, "finetune": 1})  # fmt: skip
     assert "cached the validation activations entering block_15 " in caplog.text
     mesh = sharding.make_mesh()
     steps = train.make_steps(full.model.apply, None, mesh, update_batch_stats=False)

@@ -10,8 +10,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from flaxcnn import cli
-from flaxcnn.config import TrainConfig
+from flaxcnn import cli  # nothing heavier here: cli.main installs the signal handlers first
 
 FLAGS = (
     "data", "data_dir", "download", "model", "model_options", "weights", "image_size",
@@ -26,7 +25,7 @@ FLAGS = (
 
 def main(argv: Sequence[str] | None = None) -> int:
     return cli.main(argv, prog="python -m flaxcnn.experiments.transfer",
-                    description=__doc__.splitlines()[0], defaults=TrainConfig(), flags=FLAGS)
+                    description=__doc__.splitlines()[0], flags=FLAGS)
 
 
 if __name__ == "__main__":
