@@ -86,9 +86,9 @@ def phases_to_run(plan: Sequence[phases.Phase], start: Mapping[str, Any],
     has trained). The phase it has just completed is extended when given more epochs than it
     was planned with, as Keras's ``fit(initial_epoch=...)`` continues a model: same step,
     optimizer state and data order, its schedule laid out again over the new length (a
-    constant rate goes on unchanged, so the run equals one started with the longer phase; a
-    cosine goes on from the new curve's value at that step, e.g. 0.96% of its peak at epoch
-    30 of 32, down to 0). Any other change to a phase that has ended is refused.
+    constant rate goes on unchanged; a cosine goes on from the new curve's value at that
+    step, e.g. 0.96% of its peak at epoch 30 of 32, down to 0). Any other change to a phase
+    that has ended is refused.
 
     Raises:
       ConfigError: the flags change a phase that has ended, or shorten one below what it has
