@@ -23,7 +23,6 @@ import dataclasses
 import io
 import json
 import logging
-import math
 import os
 import pathlib
 from collections.abc import Callable, Mapping, Sequence
@@ -31,19 +30,16 @@ from typing import Any
 
 import numpy as np
 
+from flaxcnn import analysis_figures
+from flaxcnn.analysis_figures import shorten
+
 log = logging.getLogger(__name__)
 
 ANALYSIS_DIR = "analysis"
 ECE_BINS = 15  # equal-width bins of the top-class probability, as Guo et al. (2017)
 MOST_CONFUSED = 5
 SHEET_IMAGES = 16
-SHEET_COLUMNS = 4
 TABLE_CLASSES = 20  # the console lists every class up to this many, else the lowest F1s
-DPI = 100
-# Contact-sheet tile and confusion-matrix cell sizes, in inches (x DPI = pixels).
-TILE_WIDTH, TILE_HEIGHT, SHEET_TITLE_HEIGHT = 2.5, 3.1, 0.6
-ANNOTATE_CLASSES = 40  # the confusion matrix shows counts up to this many classes
-NAME_CHARS = 24  # labels longer than this are shortened with an ellipsis in the figures
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,106 +208,11 @@ def error_report(predictions: Predictions, split: str, *,
     }  # fmt: skip
 
 
-def _shorten(text: str, limit: int = NAME_CHARS, *, keep_end: bool = False) -> str:
-    """``text`` in at most ``limit`` characters; file names keep their ending."""
-    if len(text) <= limit:
-        return text
-    if keep_end:
-        head = (limit - 1) // 2
-        return text[:head] + "…" + text[-(limit - 1 - head) :]
-    return text[: limit - 1] + "…"
-
-
-def _cell_inches(num_classes: int) -> float:
-    return float(np.interp(num_classes, [20, 100], [0.55, 0.2]))
-
-
-def confusion_figure_size(num_classes: int) -> tuple[float, float]:
-    """Inches: cells of 0.55" up to 20 classes, shrinking to 0.2" for 100+, plus room for
-    the longest (shortened) labels, the colour bar and the title."""
-    side = _cell_inches(num_classes) * num_classes
-    label_room = 1.9 if num_classes <= 40 else 2.3
-    return round(max(side + label_room + 1.3, 5.5), 2), round(side + label_room + 1.0, 2)
-
-
-def confusion_figure(confusion: np.ndarray, class_names: Sequence[str], title: str):
-    """The confusion matrix as a heat map: colour is the share of the true class (so small
-    classes show), the number in a cell its count (up to ``ANNOTATE_CLASSES`` classes)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    confusion = np.asarray(confusion)
-    k = len(class_names)
-    rows = confusion.sum(axis=1, keepdims=True)
-    share = np.divide(confusion, rows, out=np.zeros(confusion.shape), where=rows > 0)
-    fontsize = float(np.interp(k, [10, 40, 100], [9, 8, 5]))
-    fig, ax = plt.subplots(figsize=confusion_figure_size(k), dpi=DPI, layout="constrained")
-    image = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
-    labels = [_shorten(str(name)) for name in class_names]
-    # Column labels run horizontally when the longest fits its cell (a DejaVu Sans character
-    # is at most ~0.65 em wide), vertically otherwise: never slanted into each other.
-    fits = max(map(len, labels)) * 0.65 * fontsize <= 72 * _cell_inches(k)
-    ax.set_xticks(range(k), labels, rotation=0 if fits else 90, fontsize=fontsize)
-    ax.set_yticks(range(k), labels, fontsize=fontsize)
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
-    ax.set_title(title, fontsize=10)
-    if k <= ANNOTATE_CLASSES:
-        for (true, pred), count in np.ndenumerate(confusion):
-            if count or true == pred:
-                ax.text(pred, true, str(count), ha="center", va="center",
-                        fontsize=fontsize * (0.95 if count < 1000 else 0.75),
-                        color="white" if share[true, pred] > 0.55 else "black")  # fmt: skip
-    fig.colorbar(image, ax=ax, shrink=0.8, label="share of the true class")
-    return fig
-
-
-def contact_sheet_size(count: int) -> tuple[float, float]:
-    """Inches of a sheet of ``count`` tiles in ``SHEET_COLUMNS`` columns."""
-    columns = min(SHEET_COLUMNS, max(count, 1))
-    rows = max(1, math.ceil(count / SHEET_COLUMNS))
-    return columns * TILE_WIDTH, rows * TILE_HEIGHT + SHEET_TITLE_HEIGHT
-
-
-def contact_sheet_figure(images: np.ndarray, examples: Sequence[Mapping[str, Any]], title: str):
-    """Tiles of ``images`` (uint8 ``[n, h, w, 3]``), each headed by its true and predicted
-    class (red when they differ) and footed by its file name and loss."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    width, height = contact_sheet_size(len(examples))
-    fig = plt.figure(figsize=(width, height), dpi=DPI)
-    fig.suptitle(title, fontsize=10, y=1 - 0.12 / height, va="top")
-    top = 1 - SHEET_TITLE_HEIGHT / height
-    tile_w, tile_h = TILE_WIDTH / width, TILE_HEIGHT / height
-    for i, (image, example) in enumerate(zip(images, examples, strict=True)):
-        row, col = divmod(i, SHEET_COLUMNS)
-        # The image fills the tile's width less margins; text above and below it.
-        left = (col + 0.06) * tile_w
-        bottom = top - (row + 1) * tile_h + 0.62 / height
-        ax = fig.add_axes((left, bottom, 0.88 * tile_w, (TILE_HEIGHT - 1.0) / height))
-        ax.imshow(image, interpolation="nearest" if image.shape[0] < 96 else "antialiased")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        wrong = example["true"] != example["predicted"]
-        ax.set_title(f"true: {_shorten(example['true'])}\npred: {_shorten(example['predicted'])}",
-                     fontsize=8, color="#b00020" if wrong else "black", loc="left")  # fmt: skip
-        name = _shorten(pathlib.PurePath(example["example"]).name, 30, keep_end=True)
-        p_pred = example["probability_predicted"]
-        footer = f"{name}\nloss {example['loss']:.2f}, p(pred) {p_pred:.2f}"
-        ax.set_xlabel(footer, fontsize=7, loc="left")
-    return fig
-
-
 def _save(fig, path: pathlib.Path) -> None:
     import matplotlib.pyplot as plt
 
     tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=DPI)
+    fig.savefig(tmp, dpi=analysis_figures.DPI)
     plt.close(fig)
     os.replace(tmp, path)
 
@@ -338,21 +239,6 @@ def predictions_csv(predictions: Predictions) -> str:
     return table.getvalue()
 
 
-def report_figures(report: Mapping[str, Any], images: np.ndarray, *, what: str) -> dict[str, Any]:
-    """The figures of a report by file name: the confusion matrix, and the contact sheet of
-    ``images`` (the first ``len(images)`` of ``report['highest_loss']``) if there are any."""
-    figures = {"confusion_matrix.png": confusion_figure(
-        np.array(report["confusion_matrix"]), report["class_names"],
-        f"Confusion matrix\n{what}, {report['count']} images")}  # fmt: skip
-    if len(images):
-        size = "x".join(map(str, images.shape[1:3]))
-        figures["highest_loss.png"] = contact_sheet_figure(
-            images, report["highest_loss"][: len(images)],
-            f"Highest-loss images: {what}\nas the model saw them ({size}, not augmented); "
-            "full names in report.json")  # fmt: skip
-    return figures
-
-
 def write_analysis(folder: str | os.PathLike, report: Mapping[str, Any],
                    predictions: Predictions, images: np.ndarray, *,
                    what: str) -> pathlib.Path:  # fmt: skip
@@ -370,7 +256,7 @@ def write_analysis(folder: str | os.PathLike, report: Mapping[str, Any],
     folder.mkdir(parents=True, exist_ok=True)
     _write_text(folder / "report.json", json.dumps(report, indent=1) + "\n")
     _write_text(folder / "predictions.csv", predictions_csv(predictions))
-    for name, fig in report_figures(report, images, what=what).items():
+    for name, fig in analysis_figures.report_figures(report, images, what=what).items():
         _save(fig, folder / name)
     return folder
 
@@ -387,11 +273,11 @@ def summary_lines(report: Mapping[str, Any], what: str, folder: str | os.PathLik
     if len(rows) > TABLE_CLASSES:
         rows = sorted(rows, key=lambda r: r["f1"])[: TABLE_CLASSES // 2]
         lines.append(f"  the {len(rows)} classes with the lowest F1 (all in report.json):")
-    width = max(5, *(len(_shorten(r["class"])) for r in rows))
+    width = max(5, *(len(shorten(r["class"])) for r in rows))
     lines.append(f"  {'class':<{width}}  precision  recall     f1  support")
-    lines += [f"  {_shorten(r['class']):<{width}}  {r['precision']:9.4f}  {r['recall']:6.4f}  "
+    lines += [f"  {shorten(r['class']):<{width}}  {r['precision']:9.4f}  {r['recall']:6.4f}  "
               f"{r['f1']:.4f}  {r['support']:7d}" for r in rows]  # fmt: skip
-    pairs = ", ".join(f"{_shorten(p['true'])} -> {_shorten(p['predicted'])} {p['count']} "
+    pairs = ", ".join(f"{shorten(p['true'])} -> {shorten(p['predicted'])} {p['count']} "
                       f"({p['share_of_true']:.1%})" for p in report["most_confused"])  # fmt: skip
     lines.append("  most confused (true -> predicted: count, share of the true class): "
                  + (pairs or "none, no errors"))  # fmt: skip

@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 
-from flaxcnn import analysis, data, sharding
+from flaxcnn import analysis, analysis_figures, data, sharding
 from flaxcnn.models import build_model, random_variables
 
 # A 3-class case built by hand: confusion matrix [true, predicted] ...
@@ -93,6 +93,9 @@ def test_edge_cases_of_the_metrics():
     cal = analysis.calibration(np.array([[1.0, 0.0], [0.5, 0.5]]), np.array([0, 1]))
     assert cal["table"][14]["count"] == 1 and cal["table"][7]["count"] == 1
     assert cal["ece"] == pytest.approx(0.5 * 0.0 + 0.5 * 0.5)  # the tie predicts class 0
+    # A confidence on a bin edge belongs to the bin below: bins are (lower, upper].
+    on_edges = analysis.calibration(np.array([[0.5, 0.5], [0.75, 0.25]]), np.array([0, 0]), 4)
+    assert [row["count"] for row in on_edges["table"]] == [0, 1, 1, 0]
     with pytest.raises(ValueError, match="logits"):
         analysis.Predictions(np.zeros((2, 3)), np.zeros(2, int), ("a", "b"), ("x", "y"))
 
@@ -134,21 +137,21 @@ def test_figures_are_pngs_of_the_promised_size_without_overlapping_text(num_clas
     assert len(rows) == n + 1 and rows[1].startswith(ids[0] + ",")
     pngs = {}
     for png, inches in (
-        ("confusion_matrix.png", analysis.confusion_figure_size(num_classes)),
-        ("highest_loss.png", analysis.contact_sheet_size(len(images))),
+        ("confusion_matrix.png", analysis_figures.confusion_figure_size(num_classes)),
+        ("highest_loss.png", analysis_figures.contact_sheet_size(len(images))),
     ):
         with Image.open(folder / png) as image:
             assert image.format == "PNG"
-            assert image.size == tuple(round(x * analysis.DPI) for x in inches), png
+            assert image.size == tuple(round(x * analysis_figures.DPI) for x in inches), png
             pngs[png] = np.asarray(image.convert("RGB")).astype(np.int32)
     # Every tile of the sheet is drawn: its colour covers at least half of a 1.5" square.
     rgb = pngs["highest_loss.png"]
     packed = (rgb[..., 0] << 16 | rgb[..., 1] << 8 | rgb[..., 2]).ravel()
     counts = dict(zip(*np.unique(packed, return_counts=True), strict=True))
     for r, g, b in colours.astype(np.int32):
-        assert counts.get(r << 16 | g << 8 | b, 0) > 0.5 * (1.5 * analysis.DPI) ** 2
+        assert counts.get(r << 16 | g << 8 | b, 0) > 0.5 * (1.5 * analysis_figures.DPI) ** 2
 
-    figures = analysis.report_figures(report, images, what=what)  # those written, redrawn
+    figures = analysis_figures.report_figures(report, images, what=what)  # those written, redrawn
     for fig in figures.values():
         fig.canvas.draw()
         assert _text_overlaps(fig) == []
