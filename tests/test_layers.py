@@ -13,6 +13,13 @@ from tolerances import assert_close
 from flaxcnn.models import layers
 
 NHWC = ("NHWC", "HWIO", "NHWC")
+# Bounds relative to the reference's largest magnitude (tests/tolerances.py). Each output is
+# the same sum of products in another order: a sum of n float32 terms rounds to ~eps*sqrt(n)
+# of the terms' scale. Forward sums have n <= 27 (3x3x3): 1e-6 (8 eps) [measured <= 2.4e-8;
+# most formulations bit-equal]. Gradients with respect to a kernel sum over batch x output
+# positions, n <= 200: eps*sqrt(200) = 1.7e-6, bound 1e-5 [measured <= 3.2e-7, 31x below]. A
+# wrong tap, stride, pad or transpose is off by ~1/sqrt(n), i.e. 7e-2 or more.
+FORWARD_RTOL = 1e-6
 GRAD_RTOL = 1e-5
 
 
@@ -31,7 +38,7 @@ def _check_fn_and_grads(fn, reference, x, kernel):
     r = _random(shape, 7)
     want, want_grads = jax.jit(lambda r: outputs_and_grads(reference, r))(r)
     got, got_grads = jax.jit(lambda r: outputs_and_grads(fn, r))(r)
-    assert_close(got, want, 1e-6, what="forward")
+    assert_close(got, want, FORWARD_RTOL, what="forward")
     for name, g, w in zip(("d/dx", "d/dkernel"), got_grads, want_grads, strict=True):
         assert_close(g, w, GRAD_RTOL, what=name)
 
@@ -140,4 +147,6 @@ def test_batch_norm_affine_has_batch_norm_variables_and_folds_exactly():
         folded = conv.apply(conv_vars, x, multiplier, offset)
         return folded, bn.apply(variables, conv.apply(conv_vars, x))
 
+    # Folding reassociates ~4 roundings per output (scale, offset, rsqrt, the add), each of
+    # <= eps/2 of the output's magnitude: 1e-6 (8 eps) [measured 1.2e-7].
     assert_close(*folded_and_unfolded(x), 1e-6, what="folded BatchNorm")
