@@ -32,6 +32,7 @@ import numpy as np
 
 from flaxcnn import analysis_figures
 from flaxcnn.analysis_figures import shorten
+from flaxcnn.report import replace_file
 
 log = logging.getLogger(__name__)
 
@@ -217,12 +218,6 @@ def _save(fig, path: pathlib.Path) -> None:
     os.replace(tmp, path)
 
 
-def _write_text(path: pathlib.Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def predictions_csv(predictions: Predictions) -> str:
     """One row per example: id, true class, predicted class, its probability, the true
     class's probability, the loss."""
@@ -254,8 +249,8 @@ def write_analysis(folder: str | os.PathLike, report: Mapping[str, Any],
     """
     folder = pathlib.Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    _write_text(folder / "report.json", json.dumps(report, indent=1) + "\n")
-    _write_text(folder / "predictions.csv", predictions_csv(predictions))
+    replace_file(folder / "report.json", json.dumps(report, indent=1) + "\n")
+    replace_file(folder / "predictions.csv", predictions_csv(predictions))
     for name, fig in analysis_figures.report_figures(report, images, what=what).items():
         _save(fig, folder / name)
     return folder
