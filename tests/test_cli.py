@@ -25,6 +25,12 @@ from flaxcnn.models import CONV_IMPLS
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
+def _tensorflow_noise(stderr: str) -> list[str]:
+    """TensorFlow's start-up lines (absl's prefix, oneDNN, CUDA stubs) in a process's stderr."""
+    markers = ("oneDNN", "cudart_stub", "absl::InitializeLog", "cuInit", "I0000", "W0000")
+    return [line for line in stderr.splitlines() if any(m in line for m in markers)]
+
+
 @pytest.mark.slow
 def test_transfer_cli_end_to_end_then_restore_and_predict(
     tiny_cats_vs_dogs, shared_weights, tmp_path
@@ -39,6 +45,7 @@ def test_transfer_cli_end_to_end_then_restore_and_predict(
     ]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert not _tensorflow_noise(done.stderr)
     assert "phase head: 2,562 trainable / 2,223,872 frozen" in done.stderr
     assert "features cached" in done.stderr
     report = json.loads((workdir / "metrics.json").read_text())
@@ -64,6 +71,7 @@ def test_transfer_cli_end_to_end_then_restore_and_predict(
          *images[:2]], env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
+    assert not _tensorflow_noise(out.stderr)  # predict imports TensorFlow quietly too
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     assert [r["image"] for r in rows] == images[:2]
     # Another process, batches of 2 instead of 16: other kernels, so the ImageNet weights'
