@@ -33,7 +33,7 @@ import numpy as np
 from flax import linen as nn
 
 from flaxcnn.models.backbone import Backbone, KerasLayer
-from flaxcnn.models.layers import Conv2D, DepthwiseConv2D, pointwise_conv
+from flaxcnn.models.layers import Conv2D, DepthwiseConv2D, global_pool, pointwise_conv
 from flaxcnn.weights.registry import PretrainedSpec
 
 MIN_INPUT_SIZE = 32  # Keras's ``min_size``: the 1/32 stage keeps at least one pixel
@@ -277,8 +277,6 @@ class ConvNeXt(nn.Module):
         if start == 0 and min(x.shape[1:3]) < MIN_INPUT_SIZE:
             raise ValueError(f"ConvNeXt needs inputs of at least {MIN_INPUT_SIZE}x"
                              f"{MIN_INPUT_SIZE}, got {x.shape[1]}x{x.shape[2]}")  # fmt: skip
-        if self.pooling not in POOLING_LAYERS:
-            raise ValueError(f"pooling={self.pooling!r}; expected None, 'avg' or 'max'")
         patchify = functools.partial(Patchify, conv_impl=self.conv_impl, dtype=self.dtype)
         runs = lambda stage: start <= stage < stop
 
@@ -303,11 +301,7 @@ class ConvNeXt(nn.Module):
             _, norm, dense = (name + suffix for suffix, _ in HEAD_LAYERS)
             x = _layer_norm(norm, self.dtype)(jnp.mean(x, axis=(1, 2)))
             return nn.Dense(self.num_classes, dtype=self.dtype, name=dense)(x)
-        if self.pooling == "avg":
-            x = jnp.mean(x, axis=(1, 2))
-        elif self.pooling == "max":
-            x = jnp.max(x, axis=(1, 2))
-        return _layer_norm(NO_TOP_NORM, self.dtype)(x)
+        return _layer_norm(NO_TOP_NORM, self.dtype)(global_pool(x, self.pooling))
 
 
 # The published files (``BASE_WEIGHTS_PATH`` and ``WEIGHTS_HASHES`` of Keras's convnext.py,

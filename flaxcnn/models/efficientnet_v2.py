@@ -31,7 +31,13 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from flaxcnn.models.backbone import Backbone, KerasLayer
-from flaxcnn.models.layers import Conv2D, DepthwiseConv2D, PointwiseConv, conv_batch_norm
+from flaxcnn.models.layers import (
+    Conv2D,
+    DepthwiseConv2D,
+    PointwiseConv,
+    conv_batch_norm,
+    global_pool,
+)
 from flaxcnn.weights.registry import PretrainedSpec
 
 MIN_INPUT_SIZE = 32  # Keras's obtain_input_shape(min_size=32)
@@ -341,8 +347,6 @@ class EfficientNetV2(nn.Module):
         if start == 0 and min(x.shape[1:3]) < MIN_INPUT_SIZE:
             raise ValueError(f"{name} needs inputs of at least {MIN_INPUT_SIZE}x"
                              f"{MIN_INPUT_SIZE}, got {x.shape[1]}x{x.shape[2]}")  # fmt: skip
-        if self.pooling not in (None, "avg", "max"):
-            raise ValueError(f"pooling={self.pooling!r}; expected None, 'avg' or 'max'")
         runs = lambda stage: start <= stage < stop
 
         if runs(0):
@@ -360,11 +364,7 @@ class EfficientNetV2(nn.Module):
             x = jnp.mean(x, axis=(1, 2))
             x = nn.Dropout(self.dropout_rate, name="top_dropout")(x, deterministic=not train)
             return nn.Dense(self.num_classes, dtype=self.dtype, name="predictions")(x)
-        if self.pooling == "avg":
-            return jnp.mean(x, axis=(1, 2))
-        if self.pooling == "max":
-            return jnp.max(x, axis=(1, 2))
-        return x
+        return global_pool(x, self.pooling)
 
 
 # The published files (``BASE_WEIGHTS_PATH``, ``WEIGHTS_HASHES`` of Keras's

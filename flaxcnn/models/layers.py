@@ -430,3 +430,33 @@ def conv_batch_norm(
     features = getattr(conv, "features", None) or x.shape[-1]  # depthwise keeps channels
     multiplier, offset = BatchNormAffine(epsilon=epsilon, name=name)(features)
     return conv(x, multiplier, offset)
+
+
+def global_pool(x: jax.Array, pooling: str | None) -> jax.Array:
+    """Keras's ``GlobalAveragePooling2D`` (``'avg'``) or ``GlobalMaxPooling2D`` (``'max'``) of
+    an NHWC map, or the map itself (``None``): the ``pooling`` of a model without its top."""
+    if pooling == "avg":
+        return jnp.mean(x, axis=(1, 2))
+    if pooling == "max":
+        return jnp.max(x, axis=(1, 2))
+    if pooling is None:
+        return x
+    raise ValueError(f"pooling={pooling!r}; expected None, 'avg' or 'max'")
+
+
+def make_divisible(value: float, divisor: int = 8) -> int:
+    """Keras's ``_make_divisible`` (the MobileNets' channel rounding): the nearest multiple of
+    ``divisor``, at least ``divisor``, losing at most 10% of ``value``."""
+    new_value = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    if new_value < 0.9 * value:
+        new_value += divisor
+    return new_value
+
+
+def correct_pad(height: int, width: int, kernel_size: int = 3) -> tuple[tuple[int, int], ...]:
+    """Keras's ``imagenet_utils.correct_pad``: the zero padding before a stride-2 conv.
+
+    Even sizes get one row/column at the bottom/right only; odd sizes one on each side.
+    """
+    half = kernel_size // 2
+    return ((half - (1 - height % 2), half), (half - (1 - width % 2), half))

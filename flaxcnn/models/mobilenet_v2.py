@@ -23,7 +23,15 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from flaxcnn.models.backbone import Backbone, KerasLayer
-from flaxcnn.models.layers import Conv2D, DepthwiseConv2D, PointwiseConv, conv_batch_norm
+from flaxcnn.models.layers import (
+    Conv2D,
+    DepthwiseConv2D,
+    PointwiseConv,
+    conv_batch_norm,
+    correct_pad,
+    global_pool,
+    make_divisible,
+)
 from flaxcnn.weights.registry import PretrainedSpec
 
 ALPHAS = (1.0, 0.35, 0.5, 0.75, 1.3, 1.4)  # the default first
@@ -39,23 +47,6 @@ BLOCKS = (
     (160, 2, 6), (160, 1, 6), (160, 1, 6),
     (320, 1, 6),
 )  # fmt: skip
-
-
-def make_divisible(value: float, divisor: int = 8) -> int:
-    """Keras's ``_make_divisible``: round to a multiple of ``divisor``, losing at most 10%."""
-    new_value = max(divisor, int(value + divisor / 2) // divisor * divisor)
-    if new_value < 0.9 * value:
-        new_value += divisor
-    return new_value
-
-
-def correct_pad(height: int, width: int, kernel_size: int = 3) -> tuple[tuple[int, int], ...]:
-    """Keras's ``imagenet_utils.correct_pad``: the zero padding before a stride-2 conv.
-
-    Even sizes get one row/column at the bottom/right only; odd sizes one on each side.
-    """
-    half = kernel_size // 2
-    return ((half - (1 - height % 2), half), (half - (1 - width % 2), half))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,8 +179,6 @@ class MobileNetV2(nn.Module):
                 f"MobileNetV2 needs inputs of at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE}, "
                 f"got {x.shape[1]}x{x.shape[2]}"
             )
-        if self.pooling not in (None, "avg", "max"):
-            raise ValueError(f"pooling={self.pooling!r}; expected None, 'avg' or 'max'")
         relu6 = lambda y: jnp.minimum(nn.relu(y), 6.0)
         pointwise = functools.partial(PointwiseConv, conv_impl=self.conv_impl, dtype=self.dtype)
         runs = lambda stage: start <= stage < stop
@@ -236,11 +225,7 @@ class MobileNetV2(nn.Module):
         if self.include_top:
             x = jnp.mean(x, axis=(1, 2))
             return nn.Dense(self.num_classes, dtype=self.dtype, name="predictions")(x)
-        if self.pooling == "avg":
-            return jnp.mean(x, axis=(1, 2))
-        if self.pooling == "max":
-            return jnp.max(x, axis=(1, 2))
-        return x
+        return global_pool(x, self.pooling)
 
 
 # The published files: TF-slim ``mobilenet_v2_{alpha}_{rows}`` checkpoints converted by the

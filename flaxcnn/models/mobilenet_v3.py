@@ -26,8 +26,15 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from flaxcnn.models.backbone import Backbone, KerasLayer
-from flaxcnn.models.layers import Conv2D, DepthwiseConv2D, PointwiseConv, conv_batch_norm
-from flaxcnn.models.mobilenet_v2 import correct_pad, make_divisible
+from flaxcnn.models.layers import (
+    Conv2D,
+    DepthwiseConv2D,
+    PointwiseConv,
+    conv_batch_norm,
+    correct_pad,
+    global_pool,
+    make_divisible,
+)
 from flaxcnn.weights.registry import PretrainedSpec
 
 ALPHAS = (1.0, 0.75)  # those Keras publishes weights for, the default first
@@ -287,8 +294,6 @@ class MobileNetV3(nn.Module):
         if start == 0 and min(x.shape[1:3]) < MIN_INPUT_SIZE:
             raise ValueError(f"{name} needs inputs of at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE}, "
                              f"got {x.shape[1]}x{x.shape[2]}")  # fmt: skip
-        if self.pooling not in (None, "avg", "max"):
-            raise ValueError(f"pooling={self.pooling!r}; expected None, 'avg' or 'max'")
         act = ACTIVATIONS["relu" if self.minimalistic else "hard_swish"]
         runs = lambda stage: start <= stage < stop
 
@@ -312,11 +317,7 @@ class MobileNetV3(nn.Module):
                 x = nn.Dropout(self.dropout_rate, deterministic=not train, name="dropout")(x)
             x = pointwise(self.num_classes, use_bias=True, name="Logits")(x)
             return x.reshape(x.shape[0], -1)
-        if self.pooling == "avg":
-            return jnp.mean(x, axis=(1, 2))
-        if self.pooling == "max":
-            return jnp.max(x, axis=(1, 2))
-        return x
+        return global_pool(x, self.pooling)
 
 
 # The published files: TF-slim checkpoints converted by the Keras team, all at 224 px, with the

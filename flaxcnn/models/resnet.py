@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from flaxcnn.models.backbone import Backbone, KerasLayer
-from flaxcnn.models.layers import Conv2D, PointwiseConv, conv_batch_norm
+from flaxcnn.models.layers import Conv2D, PointwiseConv, conv_batch_norm, global_pool
 from flaxcnn.weights.registry import PretrainedSpec
 
 # Bottleneck width of the four stages (conv2..conv5; a block outputs 4x as many channels) and
@@ -244,8 +244,6 @@ class ResNet(nn.Module):
                 f"{name} needs inputs of at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE}, "
                 f"got {x.shape[1]}x{x.shape[2]}"
             )
-        if self.pooling not in (None, "avg", "max"):
-            raise ValueError(f"pooling={self.pooling!r}; expected None, 'avg' or 'max'")
         runs = lambda stage: start <= stage < stop
 
         if runs(0):
@@ -262,11 +260,7 @@ class ResNet(nn.Module):
         if self.include_top:
             x = jnp.mean(x, axis=(1, 2))
             return nn.Dense(self.num_classes, dtype=self.dtype, name="predictions")(x)
-        if self.pooling == "avg":
-            return jnp.mean(x, axis=(1, 2))
-        if self.pooling == "max":
-            return jnp.max(x, axis=(1, 2))
-        return x
+        return global_pool(x, self.pooling)
 
 
 # The published files, as ``keras.applications.resnet`` (``BASE_WEIGHTS_PATH``,
