@@ -1,21 +1,48 @@
-"""flaxcnn's train steps against the seed's Keras recipe (tf_keras on TensorFlow), one process.
+"""flaxcnn against Keras 3 on TensorFlow and tf_keras, each framework in a process of its own.
 
-Step level (default): builds the Keras recipe model (MobileNetV2 base with the shared ImageNet
-weights, flip + RandomRotation(0.2) inside the model, GlobalAveragePooling, Dropout 0.2,
-Dense(1); Adam 1e-4 for the head phase, 1e-5 from layer 100 for fine-tuning) and flaxcnn's
-product steps (``flaxcnn.bench.build_step``), then times them in interleaved rounds so that
-both see the same machine load. Prints img/s side by side and the ratios.
+    python experiments/benchmarks/compare_keras.py --image-size 160 --jsonl rows.jsonl
+    python experiments/benchmarks/compare_keras.py --model resnet50 --jsonl rows.jsonl
+    python experiments/benchmarks/compare_keras.py --full --no-steps --jsonl rows.jsonl
+    python experiments/benchmarks/compare_keras.py --smoke --full --data TINY_FOLDER
 
-    python experiments/benchmarks/compare_keras.py --weights PATH.h5
-    python experiments/benchmarks/compare_keras.py --full   # + both whole two-phase runs
+This script only coordinates (it imports neither jax nor TensorFlow). Per round it starts
+``flaxcnn_side.py`` (flaxcnn's own settings: its glibc malloc tuning, XLA:CPU's thread pool),
+then ``keras_side.py`` once per Keras flavour with a clean environment (no XLA_FLAGS, no malloc
+or threading variables, TensorFlow's defaults: oneDNN, a thread per core; jax unimportable),
+one after the other, never at the same time, all on the same cores (``--cores``); with
+``--rounds`` the order is reversed every other round.
 
-``--full`` also trains the Keras recipe end to end (10 + 10 epochs on
-``image_dataset_from_directory(DATA/{train,validation})``, batch 32, 160x160) and runs
-``python -m flaxcnn.experiments.transfer --data DATA --no-download --workdir ... --overwrite``
-as a subprocess, and prints both wall clocks and final validation accuracies.
+Steps (default): the TensorFlow transfer-learning tutorial's model for ``--model`` (Keras's
+application of the registered model: base, ``preprocess_input``, GlobalAveragePooling,
+Dropout 0.2, Dense; see keras_side.py) against flaxcnn's product steps (``flaxcnn.bench``),
+on a fixed synthetic batch, ``--warmup`` untimed then ``--steps`` timed calls each; the
+minimum and the median per step. flaxcnn's step gets the batch from the host every call, as
+``fit`` does; Keras's is its ``train_function`` (``test_function``), the step ``fit``
+(``evaluate``) calls, on an iterator over the batch. Cases:
 
-Both frameworks use every usable core (TensorFlow's intra-op pool is set to the core count,
-XLA:CPU's is by default); they never run at the same time.
+  inference          flaxcnn's eval step / Keras's test step (forward, loss, accuracy)
+  head               the head trains on images, backbone frozen; no augmentation either side
+  head+augment       Keras: RandomFlip + RandomRotation(0.2) in the model. flaxcnn augments in
+                     its tf.data pipeline: its figure is the head step plus one batch of
+                     ``data.train_batches(augment=True)`` (decoded-image cache -> flip/rotate
+                     -> batch), timed apart and added; ``fit`` overlaps the two, so this bounds
+                     its cost from above. The pipeline rows (``input``, ``input+augment``)
+                     are listed on their own. Needs ``--data``.
+  head_cached        flaxcnn's default head phase on cached features (Keras has no such step)
+  finetune           from the layer flaxcnn's contract resolves ``--fine-tune-at`` to (default
+                     the model's); Keras freezes ``base.layers[:index]`` of that same layer,
+                     and the trainable backbone parameter counts of both sides are compared
+  finetune+augment   as head+augment, for the fine-tuning step
+
+``--full`` adds the whole runs: the Keras recipe end to end (``image_dataset_from_directory``
+of DATA/train and DATA/validation, ``--keras-image-size``, ``--batch-size``, Adam 1e-4 for
+``--keras-head-epochs``, then 1e-5 from the fine-tuning layer for ``--keras-finetune-epochs``)
+once per flavour, and ``python -m flaxcnn.experiments.transfer --data DATA --no-download
+--workdir W --overwrite`` with its defaults plus ``--flaxcnn-args``; each process's wall time
+and validation accuracies side by side.
+
+``--jsonl`` appends every raw row (each step's milliseconds, each process's facts) as it
+arrives. ``--smoke`` runs everything on tiny settings: it checks the machinery, not speed.
 """
 
 from __future__ import annotations
@@ -24,264 +51,434 @@ import argparse
 import json
 import os
 import pathlib
+import shlex
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
+from typing import Any
 
-import numpy as np
+import process_report
 
-from flaxcnn import bench, cli
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads (lazily)
-
-
-WEIGHTS_FILE = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
-DEFAULT_WEIGHTS = os.path.join("..", "shared", "weights", WEIGHTS_FILE)
-FINE_TUNE_AT = 100
-
-
-def _tf(threads: int):
-    import tensorflow as tf
-
-    tf.config.set_visible_devices([], "GPU")
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
-    tf.config.threading.set_inter_op_parallelism_threads(threads)
-    return tf
-
-
-def keras_model(weights: str, size: int, augment_in_model: bool = True):
-    """The recipe's model; returns ``(model, base)``."""
-    import tf_keras as keras
-
-    base = keras.applications.MobileNetV2(
-        input_shape=(size, size, 3), include_top=False, weights=weights
-    )
-    augment = keras.Sequential(
-        [keras.layers.RandomFlip("horizontal"), keras.layers.RandomRotation(0.2)]
-    )
-    inputs = keras.Input((size, size, 3))
-    x = augment(inputs) if augment_in_model else inputs
-    x = keras.applications.mobilenet_v2.preprocess_input(x)
-    x = base(x, training=False)  # BatchNorm in inference mode in both phases
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    x = keras.layers.Dropout(0.2)(x)
-    return keras.Model(inputs, keras.layers.Dense(1)(x)), base
+HERE = pathlib.Path(__file__).resolve().parent
+SHARED = pathlib.Path(os.environ.get("FLAXCNN_SHARED_DIR", HERE.parents[2] / "shared"))
+PROG = "compare_keras.py"
+FLAVOURS = {"keras3": "Keras 3", "tf_keras": "tf_keras"}
+CASES = ("inference", "head", "head+augment", "head_cached", "finetune", "finetune+augment")
+FLAXCNN_ROWS = {"inference": ("inference",), "head": ("head",),
+                "head+augment": ("head", "input+augment"), "head_cached": ("head_cached",),
+                "finetune": ("finetune",),
+                "finetune+augment": ("finetune", "input+augment")}  # fmt: skip
+# What reaches the Keras process from this one's environment: nothing that tunes a framework.
+KERAS_ENV_KEEP = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TZ",
+                  "TMPDIR", "TERM", "VIRTUAL_ENV", "LD_LIBRARY_PATH")  # fmt: skip
+SMOKE = {"batch_size": 8, "image_size": 32, "keras_image_size": 32, "warmup": 1, "steps": 3,
+         "conv_impl": "lax", "keras_head_epochs": 1, "keras_finetune_epochs": 1}  # fmt: skip
+SMOKE_TRANSFER_FLAGS = ["--image-size", "32", "--batch-size", "8", "--conv-impl", "lax",
+                        "--head-epochs", "1", "--finetune-epochs", "1"]  # fmt: skip
 
 
-def compile_phase(model, base, phase: str, optimizer: str = "adam") -> None:
-    """Freezes as the recipe's phase does and compiles (Adam 1e-4 head, 1e-5 fine-tuning)."""
-    import tf_keras as keras
+class CompareError(Exception):
+    """One line for the user (exit 2), or a side's exit status when it already spoke."""
 
-    base.trainable = phase == "finetune"
-    if phase == "finetune":
-        for layer in base.layers[:FINE_TUNE_AT]:
-            layer.trainable = False
-    learning_rate = 1e-4 if phase == "head" else 1e-5
-    opt = (
-        keras.optimizers.RMSprop(learning_rate)
-        if optimizer == "rmsprop"
-        else keras.optimizers.Adam(learning_rate)
-    )
-    model.compile(
-        optimizer=opt,
-        loss=keras.losses.BinaryCrossentropy(from_logits=True),
-        metrics=[keras.metrics.BinaryAccuracy(threshold=0.0)],
-    )
+    def __init__(self, message: str = "", status: int = 2) -> None:
+        super().__init__(message)
+        self.status = status
 
 
-def keras_step(
-    weights: str, phase: str, batch_size: int, size: int, augment_in_model: bool = True
-) -> bench.Step:
-    """One compiled Keras train step (``train_on_batch``) on a fixed synthetic batch."""
-    tf = _tf(len(os.sched_getaffinity(0)))
-    model, base = keras_model(weights, size, augment_in_model)
-    compile_phase(model, base, phase)
-    rng = np.random.default_rng(0)
-    images = tf.constant(rng.uniform(0, 255, (batch_size, size, size, 3)).astype(np.float32))
-    labels = tf.constant(rng.integers(0, 2, (batch_size, 1)).astype(np.float32))
+class Recorder:
+    """Every row of the run, appended to ``--jsonl`` as it arrives."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path, self.rows = path, []
+
+    def add(self, rows: Sequence[dict[str, Any]]) -> None:
+        self.rows += rows
+        if self.path:
+            with open(self.path, "a") as f:
+                f.writelines(json.dumps(row) + "\n" for row in rows)
+
+    def find(self, **match: Any) -> list[dict[str, Any]]:
+        return [r for r in self.rows if all(r.get(k) == v for k, v in match.items())]
+
+
+def keras_environment(flavour: str) -> dict[str, str]:
+    env = {k: os.environ[k] for k in KERAS_ENV_KEEP if k in os.environ}
+    env["TF_CPP_MIN_LOG_LEVEL"] = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")  # logs only
+    env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU comparison (flaxcnn's side: JAX_PLATFORMS=cpu)
+    if flavour == "keras3":
+        env["KERAS_BACKEND"] = "tensorflow"
+    return env
+
+
+def flaxcnn_environment() -> dict[str, str]:
+    """This process's environment (the user's settings are flaxcnn's to use), on the CPU."""
+    return {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
+
+
+def run_side(name: str, command: list[str], env: dict[str, str], recorder: Recorder,
+             out: pathlib.Path | None) -> tuple[list[dict[str, Any]], float]:  # fmt: skip
+    """Runs one side to the end; returns the rows it wrote to ``out`` and its wall seconds."""
+    if out is not None:
+        out.unlink(missing_ok=True)
+    print(f"\n[{name}] {shlex.join(command)}", flush=True)
     start = time.perf_counter()
-    model.train_on_batch(images, labels)  # traces and optimises the tf.function
-    compile_s = time.perf_counter() - start
-    return bench.Step(lambda: model.train_on_batch(images, labels), compile_s)
+    status = subprocess.run(command, env=env).returncode
+    wall = time.perf_counter() - start
+    rows = []
+    if out is not None and out.exists():
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+    recorder.add(rows)
+    if status == 2:  # the side printed its one-line error
+        raise CompareError(status=2)
+    if status:
+        raise CompareError(f"the {name} side failed with exit status {status} (output above)")
+    return rows, wall
 
 
-def interleaved(steps: dict[str, bench.Step], rounds: int, per_round: int) -> dict[str, list]:
-    """Per-step milliseconds, the cases taking turns so that all see the same load (a run of
-    several steps, such as a scanned cached-feature epoch, counts as that many)."""
-    import jax
-
-    for step in steps.values():
-        jax.block_until_ready(step.run())
-    times = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            for _ in range(per_round):
-                start = time.perf_counter()
-                jax.block_until_ready(step.run())  # Keras returns host values: already done
-                times[name].append((time.perf_counter() - start) * 1e3 / step.steps_per_run)
-    return times
+def flaxcnn_command(args: argparse.Namespace, out: pathlib.Path, round_: int,
+                    rows: Sequence[str], plan_only: bool = False) -> list[str]:  # fmt: skip
+    command = [sys.executable, str(HERE / "flaxcnn_side.py"), "--out", str(out),
+               "--round", str(round_), "--options", json.dumps(args.options),
+               "--batch-size", str(args.batch_size), "--conv-impl", args.conv_impl,
+               "--warmup", str(args.warmup), "--steps", str(args.steps),
+               "--rows", ",".join(rows)]  # fmt: skip
+    for flag, value in (("--model", args.model), ("--image-size", args.image_size),
+                        ("--fine-tune-at", args.fine_tune_at), ("--data", args.input_data)):
+        command += [flag, str(value)] if value is not None else []  # fmt: skip
+    return command + ["--plan-only"] * plan_only
 
 
-def step_comparison(args) -> list[str]:
-    """Times Keras and flaxcnn steps; returns the Markdown lines it printed."""
-    b, s = args.batch_size, args.image_size
-    steps = {
-        "keras head": keras_step(args.weights, "head", b, s),
-        "flaxcnn head (images)": bench.build_step("head", b, s, conv_impl=args.conv_impl),
-        "keras finetune": keras_step(args.weights, "finetune", b, s),
-        "flaxcnn finetune": bench.build_step("finetune", b, s, conv_impl=args.conv_impl),
-        "keras finetune, no augmentation layers": keras_step(
-            args.weights, "finetune", b, s, augment_in_model=False
-        ),
-        "flaxcnn inference": bench.build_step("inference", b, s, conv_impl=args.conv_impl),
-        "flaxcnn head (cached features)": bench.build_step(
-            "head_cached", b, s, conv_impl=args.conv_impl
-        ),
-    }
-    times = interleaved(steps, args.rounds, args.steps)
-    rate = {name: b / statistics.median(t) * 1e3 for name, t in times.items()}
-    lines = [
-        f"batch {b}, {s}x{s}; {args.rounds} rounds x {args.steps} steps per case, interleaved",
-        "",
-        "| step | img/s | ms/step (median) | ms/step (min) | compile / first call s |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for name, t in times.items():
-        lines.append(
-            f"| {name} | {rate[name]:.1f} | {statistics.median(t):.1f} | {min(t):.1f} | "
-            f"{steps[name].compile_s:.1f} |"
-        )
-    head_ratio = rate["flaxcnn head (images)"] / rate["keras head"]
-    ft_ratio = rate["flaxcnn finetune"] / rate["keras finetune"]
-    train_images, epochs_keras, epochs_flax = 2000, 10, 50
-    batches = train_images // b
-    keras_head_s = epochs_keras * batches * b / rate["keras head"]
-    flax_head_s = (
-        3000 / rate["flaxcnn inference"]
-        + epochs_flax * batches * b / rate["flaxcnn head (cached features)"]
-    )
-    lines += [
-        "",
-        f"ratio flaxcnn / keras, head-phase step on images: {head_ratio:.2f}x",
-        f"ratio flaxcnn / keras, fine-tuning step: {ft_ratio:.2f}x (flaxcnn augments in the "
-        f"tf.data pipeline, Keras inside the step; without its augmentation layers Keras runs "
-        f"{rate['keras finetune, no augmentation layers']:.1f} img/s: "
-        f"{rate['flaxcnn finetune'] / rate['keras finetune, no augmentation layers']:.2f}x)",
-        f"head phase on 2,000 train + 1,000 validation images, compute only (estimate): "
-        f"keras {epochs_keras} epochs of head steps {keras_head_s:.0f} s; flaxcnn one inference "
-        f"pass + {epochs_flax} epochs on cached features {flax_head_s:.0f} s "
-        f"({keras_head_s / flax_head_s:.1f}x)",
-    ]
+def keras_command(args: argparse.Namespace, flavour: str, out: pathlib.Path, round_: int,
+                  plan: dict[str, Any], image_size: int, mode: list[str]) -> list[str]:  # fmt: skip
+    command = [sys.executable, str(HERE / "keras_side.py"), "--flavour", flavour,
+               "--out", str(out), "--round", str(round_), "--application", plan["keras_name"],
+               "--options", json.dumps(plan["options"]), "--image-size", str(image_size),
+               "--batch-size", str(args.batch_size), "--fine-tune-layer",
+               plan["fine_tune_layer"], "--weights", args.weights or "none",
+               "--finetune-optimizer", args.keras_finetune_optimizer]  # fmt: skip
+    return command + ["--jit-compile"] * args.keras_jit_compile + mode
+
+
+def compare_steps(args: argparse.Namespace, recorder: Recorder, tmp: pathlib.Path) -> dict:
+    """Every round, one process per side: flaxcnn, then each Keras flavour, in reverse order
+    every other round (so that a drifting load favours no side); returns the plan."""
+    flax_rows = sorted({r for case in args.cases for r in FLAXCNN_ROWS[case]})
+    if "input+augment" in flax_rows:
+        flax_rows.append("input")  # the pipeline without augmentation, for reference
+    keras_cases = [c for c in args.cases if c != "head_cached"]
+    mode = ["steps", "--cases", ",".join(keras_cases), "--warmup", str(args.warmup),
+            "--steps", str(args.steps)]  # fmt: skip
+    flax_env = flaxcnn_environment()
+    plan = {}
+    for round_ in range(args.rounds):
+        sides = ["flaxcnn", *(args.flavours if keras_cases else [])]
+        for side in sides if round_ % 2 == 0 else sides[::-1]:
+            out = tmp / f"{side}.jsonl"
+            if side == "flaxcnn":
+                command, env = flaxcnn_command(args, out, round_, flax_rows), flax_env
+            else:  # round 0 ran flaxcnn first: the plan is known
+                command = keras_command(args, side, out, round_, plan, plan["image_size"], mode)
+                env = keras_environment(side)
+            rows, _ = run_side(side, command, env, recorder, out)
+            plan = next((r for r in rows if r["kind"] == "plan"), plan)
+    return plan
+
+
+def _stats(rows: list[dict[str, Any]]) -> tuple[float, float] | None:
+    """(median, min) ms of the rows' pooled steps (all rounds)."""
+    ms = [t for r in rows for t in r["ms"]]
+    return (statistics.median(ms), min(ms)) if ms else None
+
+
+def case_stats(recorder: Recorder, side: str, case: str) -> tuple[float, float] | None:
+    if side != "flaxcnn":
+        return _stats(recorder.find(kind="step", side=side, case=case))
+    parts = [_stats(recorder.find(kind="step", side=side, row=r)) for r in FLAXCNN_ROWS[case]]
+    if not parts or None in parts:
+        return None
+    return sum(p[0] for p in parts), sum(p[1] for p in parts)
+
+
+def _rate(batch: int, ms: float) -> str:
+    return f"{batch / ms * 1e3:.1f}"
+
+
+def _cell(batch: int, stats: tuple[float, float] | None) -> str:
+    return "-" if stats is None else f"{_rate(batch, stats[0])} ({_rate(batch, stats[1])})"
+
+
+def _ratio(flax: tuple[float, float] | None, keras: tuple[float, float] | None) -> str:
+    """flaxcnn's speed over Keras's: Keras's milliseconds over flaxcnn's (median, fastest)."""
+    if flax is None or keras is None:
+        return "-"
+    return f"{keras[0] / flax[0]:.2f}x ({keras[1] / flax[1]:.2f}x)"
+
+
+ROW_ORDER = (*CASES, "input", "input+augment")
+SPREAD_WARNING = 1.2  # a median this far above the minimum says the steps were disturbed
+
+
+def side_table(args: argparse.Namespace, recorder: Recorder, plan: dict[str, Any]) -> list:
+    """Each side's own rows: img/s, median and minimum ms, first call."""
+    lines = [f"\n## {plan['keras_name']} {plan['options'] or ''}: batch {args.batch_size}, "
+             f"{plan['image_size']}x{plan['image_size']}, {args.warmup} warm-up + {args.steps} "
+             f"timed steps per row and round, {args.rounds} round(s); fine-tuning from "
+             f"{plan['fine_tune_layer']} (Keras layer {plan['fine_tune_index']})", "",
+             "| side | case | img/s (median) | ms/step (median) | ms/step (min) | timed steps "
+             "| first call s | note |", "|---|---|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+    spread = []
+    for side in ["flaxcnn", *args.flavours]:
+        key = "row" if side == "flaxcnn" else "case"
+        names = {r[key] for r in recorder.find(kind="step", side=side)}
+        for name in sorted(names, key=ROW_ORDER.index):
+            rows = recorder.find(kind="step", side=side, **{key: name})
+            median, best = _stats(rows)
+            first = max(r.get("compile_s") or r.get("first_call_s") or 0.0 for r in rows)
+            note = "ms/batch; " + rows[-1]["note"] if name.startswith("input") else ""
+            if name.startswith("finetune"):
+                r = rows[-1]
+                note = (f"{r['trainable_backbone_params']:,} trainable backbone params, from "
+                        f"{r['fine_tune_layer']} (layer {r['fine_tune_index']})")  # fmt: skip
+            rate, steps = _rate(args.batch_size, median), sum(len(r["ms"]) for r in rows)
+            first_s = f"{first:.1f}" if first else "-"
+            lines.append(f"| {FLAVOURS.get(side, side)} | {name} | {rate} | {median:.2f} | "
+                         f"{best:.2f} | {steps} | {first_s} | {note} |")  # fmt: skip
+            if median > SPREAD_WARNING * best:
+                spread.append(f"{FLAVOURS.get(side, side)} {name} {median / best:.2f}x")
+    if spread:
+        lines.append(f"\nmedian over {SPREAD_WARNING}x the minimum (a busy machine: see the "
+                     f"load averages below): {', '.join(spread)}")  # fmt: skip
     return lines
 
 
-def keras_full_run(args) -> dict:
-    """The recipe end to end; returns wall seconds and validation accuracies per phase."""
-    tf = _tf(len(os.sched_getaffinity(0)))
-    import tf_keras as keras
+def ratio_table(args: argparse.Namespace, recorder: Recorder) -> list[str]:
+    """The cases side by side, and flaxcnn's speed over each Keras flavour."""
+    names = [FLAVOURS[f] for f in args.flavours]
+    lines = ["", "img/s of the median step (of the fastest step); flaxcnn / Keras: its speed "
+             "over Keras's from the median steps (from the fastest steps)", "",
+             "| case | flaxcnn img/s | " + " | ".join(f"{k} img/s" for k in names) + " | "
+             + " | ".join(f"flaxcnn / {k}" for k in names) + " |",
+             "|---|---:|" + "---:|" * (2 * len(names))]  # fmt: skip
+    for case in args.cases:
+        flax = case_stats(recorder, "flaxcnn", case)
+        keras = [case_stats(recorder, f, case) for f in args.flavours]
+        cells = [_cell(args.batch_size, k) for k in keras] + [_ratio(flax, k) for k in keras]
+        lines.append(f"| {case} | {_cell(args.batch_size, flax)} | " + " | ".join(cells) + " |")
+    flax_ft = recorder.find(kind="step", side="flaxcnn", row="finetune")
+    for flavour in args.flavours:
+        keras_ft = [r for r in recorder.find(kind="step", side=flavour)
+                    if r["case"].startswith("finetune")]  # fmt: skip
+        if flax_ft and keras_ft:
+            ours, theirs = (r[-1]["trainable_backbone_params"] for r in (flax_ft, keras_ft))
+            verdict = "equal" if ours == theirs else "DIFFERENT: the steps do unequal work"
+            lines.append(f"trainable backbone parameters when fine-tuning: flaxcnn {ours:,}, "
+                         f"{FLAVOURS[flavour]} {theirs:,} ({verdict})")  # fmt: skip
+    augmented = any(case.endswith("+augment") for case in args.cases)
+    if augmented and not recorder.find(kind="step", side="flaxcnn", row="input+augment"):
+        lines.append("(no --data folder: flaxcnn's +augment cases need its input pipeline)")
+    return lines
 
-    data = pathlib.Path(args.data)
-    load = lambda split, shuffle: keras.utils.image_dataset_from_directory(
-        data / split, image_size=(args.image_size,) * 2, batch_size=args.batch_size,
-        shuffle=shuffle, seed=0, label_mode="binary",
-    ).prefetch(tf.data.AUTOTUNE)  # fmt: skip
-    train, validation = load("train", True), load("validation", False)
-    model, base = keras_model(args.weights, args.image_size)
-    out = {}
-    start = time.perf_counter()
-    for phase, epochs in (("head", args.keras_head_epochs), ("finetune", args.keras_ft_epochs)):
-        compile_phase(model, base, phase, args.keras_finetune_optimizer)
-        model.fit(train, epochs=epochs, validation_data=validation, verbose=2)
-        out[f"{phase}_val_accuracy"] = float(model.evaluate(validation, verbose=0)[1])
-        out[f"{phase}_wall_s"] = time.perf_counter() - start
-    return out
+
+def process_table(recorder: Recorder) -> list[str]:
+    lines = ["", "| process | pid | cores | malloc arenas | jax / flaxcnn imported | jaxlib "
+             "loaded | load start -> end | settings it was started with |",
+             "|---|---:|---:|---:|---|---|---|---|"]  # fmt: skip
+    for r in recorder.find(kind="process"):
+        imported = "/".join("yes" if r["imported"].get(p) else "no" for p in ("jax", "flaxcnn"))
+        settings = ", ".join(f"{k}={v}" for k, v in r["settings"].items()) or "-"
+        lines.append(f"| {FLAVOURS.get(r['side'], r['side'])} (round {r['round']}) | {r['pid']} "
+                     f"| {r['cores']} | {r['malloc_arenas']} | {imported} | "
+                     f"{'yes' if r['jaxlib_mapped'] else 'no'} | {r['load_average_start']} -> "
+                     f"{r['load_average']} | {settings} |")  # fmt: skip
+    return lines
 
 
-def flaxcnn_full_run(args) -> dict:
-    """``python -m flaxcnn.experiments.transfer`` as a subprocess; wall time and accuracies."""
+def compare_full(args: argparse.Namespace, recorder: Recorder, tmp: pathlib.Path,
+                 plan: dict[str, Any]) -> list[str]:  # fmt: skip
+    """The whole runs, one process each; returns the table's lines."""
     workdir = args.workdir or tempfile.mkdtemp(prefix="flaxcnn-compare-")
-    command = [sys.executable, "-m", "flaxcnn.experiments.transfer", "--data", args.data]
-    command += ["--no-download", "--workdir", workdir, "--overwrite", *args.flaxcnn_args]
-    env = dict(os.environ, FLAXCNN_WEIGHTS=os.path.abspath(args.weights))
-    print("running:", " ".join(command), flush=True)
-    start = time.perf_counter()
-    subprocess.run(command, check=True, env=env)
-    wall = time.perf_counter() - start
+    command = [sys.executable, "-m", "flaxcnn.experiments.transfer", "--data", args.data,
+               "--no-download", "--workdir", workdir, "--overwrite",
+               "--weights", args.weights or "none"]  # fmt: skip
+    command += ["--model", plan["model"]] if args.model else []
+    command += ["--fine-tune-at", args.fine_tune_at] if args.fine_tune_at else []
+    for key, value in args.options.items():
+        flag = "--" + key.replace("_", "-")
+        command += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [
+            flag, str(value)]  # fmt: skip
+    command += args.flaxcnn_args
+    _, flax_wall = run_side("flaxcnn transfer", command, flaxcnn_environment(), recorder, None)
     metrics = json.loads((pathlib.Path(workdir) / "metrics.json").read_text())
-    last, head_wall = {}, float("nan")
-    for epoch in metrics["epochs"]:
-        last[epoch["phase"]] = epoch["val_accuracy"]
-        if epoch["phase"] == "head":  # seconds since training started (after start-up)
-            head_wall = epoch["wall_seconds"]
-    best = metrics.get("best_val_accuracy")
-    return {"wall_s": wall, "val_accuracy_by_phase": last, "best_val_accuracy": best,
-            "head_wall_s": head_wall, "workdir": workdir}  # fmt: skip
+    config = json.loads((pathlib.Path(workdir) / "config.json").read_text())
+    epochs = metrics["epochs"]
+    head = [e["val_accuracy"] for e in epochs if e["phase"] == "head"]
+    flax = {"kind": "full", "side": "flaxcnn", "wall_s": flax_wall, "workdir": workdir,
+            "image_size": config.get("image_size"), "command": command,
+            "val_accuracy_after_head": head[-1] if head else None,
+            "final_val_accuracy": epochs[-1]["val_accuracy"],
+            "best_val_accuracy": metrics["best_val_accuracy"]}  # fmt: skip
+    recorder.add([flax])
+    results = [flax]
+    for flavour in args.flavours:
+        mode = ["full", "--data", args.data, "--head-epochs", str(args.keras_head_epochs),
+                "--finetune-epochs", str(args.keras_finetune_epochs)]  # fmt: skip
+        out = tmp / f"{flavour}-full.jsonl"
+        command = keras_command(args, flavour, out, 0, plan, args.keras_image_size, mode)
+        rows, wall = run_side(flavour, command, keras_environment(flavour), recorder, out)
+        results.append({**next(r for r in rows if r["kind"] == "full"), "wall_s": wall})
+        recorder.add([{"kind": "full_wall", "side": flavour, "wall_s": wall}])
+    percent = lambda x: "-" if x is None else f"{100 * x:.1f}%"
+    lines = ["", f"## whole runs on {args.data}", "",
+             "| whole run | image size | wall s (whole process) | val accuracy after head "
+             "| final | best epoch |", "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    flags = " ".join(["defaults", *args.flaxcnn_args])
+    for r in results:
+        name = f"flaxcnn transfer ({flags})" if r["side"] == "flaxcnn" else (
+            f"{FLAVOURS[r['side']]} recipe")  # fmt: skip
+        lines.append(f"| {name} | {r['image_size']} | {r['wall_s']:.0f} | "
+                     f"{percent(r['val_accuracy_after_head'])} | "
+                     f"{percent(r['final_val_accuracy'])} | {percent(r['best_val_accuracy'])} |")
+    for r in results[1:]:
+        lines.append(f"wall time flaxcnn / {FLAVOURS[r['side']]}: "
+                     f"{flax_wall / r['wall_s']:.2f}x")  # fmt: skip
+    lines.append(f"flaxcnn's workdir: {workdir}")
+    return lines
 
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--weights", default=os.environ.get("FLAXCNN_WEIGHTS", DEFAULT_WEIGHTS))
-    parser.add_argument("--data", default=os.path.join("..", "shared", "data", "cats_vs_dogs"))
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--image-size", type=int, default=160)
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per case and round")
-    parser.add_argument("--conv-impl", default="auto")
-    parser.add_argument("--full", action="store_true", help="also both whole two-phase runs")
-    parser.add_argument("--keras-head-epochs", type=int, default=10)
-    parser.add_argument("--keras-ft-epochs", type=int, default=10)
-    parser.add_argument(
-        "--keras-finetune-optimizer",
-        choices=("adam", "rmsprop"),
-        default="adam",
-        help="the TF tutorial fine-tunes with RMSprop; the seed recipe with Adam",
-    )
-    parser.add_argument("--workdir", help="flaxcnn's workdir for --full (default: a temp dir)")
-    parser.add_argument(
-        "--flaxcnn-args",
-        nargs=argparse.REMAINDER,
-        default=[],
-        help="extra flags for flaxcnn.experiments.transfer (last on the line)",
-    )
-    parser.add_argument("--no-malloc-tuning", action="store_true")
-    return parser.parse_args(argv)
+def _option(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r}: give KEY=VALUE, e.g. alpha=0.35")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
-def main(argv=None) -> None:
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:
+        self.exit(2, f"{PROG}: error: {message} (see --help)\n")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", help="a registered flaxcnn model (default: the registry's)")
+    p.add_argument("--option", action="append", type=_option, default=[], metavar="KEY=VALUE",
+                   help="a family option for both sides (Keras's keyword), e.g. alpha=0.35")
+    p.add_argument("--image-size", type=int, help="steps' input side (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--fine-tune-at", help="Keras layer index or name (default: the model's)")
+    p.add_argument("--cases", default=",".join(CASES), help="comma list of: " + ", ".join(CASES))
+    p.add_argument("--flavours", default=",".join(FLAVOURS), help="keras3, tf_keras or both")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per row (default: 3)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per row (default: 20)")
+    p.add_argument("--rounds", type=int, default=1, help="repeat the processes in turn "
+                   "(flaxcnn, Keras 3, tf_keras, then reversed, ...)")  # fmt: skip
+    p.add_argument("--conv-impl", default="auto", choices=("auto", "lax", "unrolled"))
+    p.add_argument("--cores", type=int, help="run every side on the first N usable cores")
+    p.add_argument("--weights", help="Keras .h5 of the base for the Keras side and --full "
+                   "(default: $FLAXCNN_WEIGHTS without --model, else random)")  # fmt: skip
+    p.add_argument("--data", help="image folder (train/, validation/): flaxcnn's input rows "
+                   f"and --full (default: {SHARED / 'data' / 'cats_vs_dogs'})")  # fmt: skip
+    p.add_argument("--jsonl", help="append every raw row to this file")
+    p.add_argument("--keras-jit-compile", action="store_true",
+                   help="Keras with XLA (jit_compile=True; Keras's CPU default is off)")
+    p.add_argument("--no-steps", action="store_true", help="skip the step comparison")
+    p.add_argument("--full", action="store_true", help="also the whole two-phase runs")
+    p.add_argument("--keras-image-size", type=int, default=160, help="the tutorial's 160")
+    p.add_argument("--keras-head-epochs", type=int, default=10)
+    p.add_argument("--keras-finetune-epochs", type=int, default=10)
+    p.add_argument("--keras-finetune-optimizer", choices=("adam", "rmsprop"), default="adam",
+                   help="Adam 1e-5 (default) or the older tutorial's RMSprop")
+    p.add_argument("--workdir", help="flaxcnn's workdir for --full (default: a new temp dir)")
+    p.add_argument("--smoke", action="store_true", help="tiny settings: the machinery only")
+    p.add_argument("--flaxcnn-args", nargs=argparse.REMAINDER, default=[],
+                   help="extra flags for flaxcnn.experiments.transfer (last on the line)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        for key, value in SMOKE.items():
+            if getattr(args, key) == p.get_default(key):
+                setattr(args, key, value)
+        if args.model is None and not args.option:
+            args.option = [("alpha", 0.35)]
+        args.weights = args.weights or "none"
+        args.flaxcnn_args = SMOKE_TRANSFER_FLAGS + args.flaxcnn_args
+    args.options = dict(args.option)
+    args.cases = [c for c in args.cases.split(",") if c]
+    args.flavours = [f for f in args.flavours.split(",") if f]
+    for name, values, allowed in (("--cases", args.cases, CASES),
+                                  ("--flavours", args.flavours, FLAVOURS)):  # fmt: skip
+        if not values or set(values) - set(allowed):
+            p.error(f"{name}: choose from {', '.join(allowed)}")
+    for name in ("batch_size", "warmup", "steps", "rounds", "keras_image_size",
+                 "keras_head_epochs", "keras_finetune_epochs"):  # fmt: skip
+        if getattr(args, name) < (0 if name == "warmup" else 1):
+            p.error(f"--{name.replace('_', '-')} must be a positive integer")
+    if args.no_steps and not args.full:
+        p.error("--no-steps leaves nothing to run: add --full")
+    if args.image_size is not None and args.image_size < 32:
+        p.error("--image-size must be at least 32")
+    if args.weights is None:
+        args.weights = os.environ.get("FLAXCNN_WEIGHTS") if args.model is None else None
+    if args.weights and args.weights.lower() == "none":
+        args.weights = None
+    if args.weights:
+        args.weights = os.path.abspath(args.weights)
+        if not os.path.isfile(args.weights):
+            p.error(f"no weights file {args.weights}: pass --weights PATH or none")
+    data = args.data or str(SHARED / "data" / "cats_vs_dogs")
+    if (args.data or args.full) and not os.path.isdir(os.path.join(data, "train")):
+        p.error(f"--data {data} has no train/ folder: pass an image folder")
+    args.data = os.path.abspath(data)
+    args.input_data = args.data if os.path.isdir(os.path.join(data, "train")) else None
+    if args.cores is not None and not 1 <= args.cores <= process_report.cores():
+        p.error(f"--cores {args.cores}: this process may use 1..{process_report.cores()} cores")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    tuned = False if args.no_malloc_tuning else cli.tune_glibc_malloc()
-    if not os.path.exists(args.weights):
-        sys.exit(f"no weights file {args.weights}: pass --weights or set FLAXCNN_WEIGHTS")
-    for line in bench.describe_machine(args.conv_impl, tuned):
-        print(line)
-    import tensorflow as tf
-
-    print(f"tensorflow {tf.__version__}, intra-op threads = {len(os.sched_getaffinity(0))}")
-    print("\n".join(step_comparison(args)), flush=True)
-    if args.full:
-        keras = keras_full_run(args)
-        flax = flaxcnn_full_run(args)
-        print("\n| whole run | wall s | val accuracy after head | after fine-tuning |")
-        print("|---|---:|---:|---:|")
-        k_head, k_ft = keras["head_val_accuracy"], keras["finetune_val_accuracy"]
-        print(f"| keras recipe | {keras['finetune_wall_s']:.0f} | {k_head:.4f} | {k_ft:.4f} |")
-        f_head = flax["val_accuracy_by_phase"].get("head", float("nan"))
-        f_ft = flax["val_accuracy_by_phase"].get("finetune", float("nan"))
-        print(f"| flaxcnn transfer | {flax['wall_s']:.0f} | {f_head:.4f} | {f_ft:.4f} |")
-        print(
-            f"head phase: keras {keras['head_wall_s']:.0f} s, flaxcnn {flax['head_wall_s']:.0f} s "
-            f"(feature caching included; both from the start of training): "
-            f"{keras['head_wall_s'] / flax['head_wall_s']:.1f}x faster"
-        )
-        print(
-            f"whole run: flaxcnn / keras wall time {flax['wall_s'] / keras['finetune_wall_s']:.2f}x"
-            f" (flaxcnn's includes its process start-up); flaxcnn best validation accuracy "
-            f"{flax['best_val_accuracy']}; workdir {flax['workdir']}"
-        )
-    print(f"load average at end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    if args.cores is not None:  # inherited by every side
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.cores])
+    recorder = Recorder(args.jsonl)
+    machine = {"kind": "machine", "cpu": process_report.cpu_model(),
+               "cores": process_report.cores(), "load_average": process_report.load_average(),
+               "time": time.time(), "argv": sys.argv, "smoke": args.smoke}  # fmt: skip
+    recorder.add([machine])
+    print(f"{PROG}: {machine['cpu']}, {machine['cores']} usable cores for every side; load "
+          f"average (1, 5, 15 min) at start: {machine['load_average']}"
+          + ("; SMOKE RUN: tiny settings, the numbers mean nothing" if args.smoke else ""))
+    tables = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="compare-keras-") as tmp:
+            plan = {}
+            if not args.no_steps:  # printed now: the whole runs can take an hour
+                plan = compare_steps(args, recorder, pathlib.Path(tmp))
+                print("\n".join(side_table(args, recorder, plan) + ratio_table(args, recorder)),
+                      flush=True)  # fmt: skip
+            if args.full:
+                if not plan:
+                    out = pathlib.Path(tmp) / "plan.jsonl"
+                    rows, _ = run_side("flaxcnn plan", flaxcnn_command(
+                        args, out, 0, [], plan_only=True), flaxcnn_environment(), recorder, out)
+                    plan = rows[0]
+                tables += compare_full(args, recorder, pathlib.Path(tmp), plan)
+    except CompareError as e:
+        if str(e):
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+        return e.status
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; the rows so far are in {args.jsonl or '(no --jsonl)'}",
+              file=sys.stderr)  # fmt: skip
+        return 130
+    tables += process_table(recorder)
+    tables.append(f"\nload average at end: {process_report.load_average()}")
+    print("\n".join(tables), flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
