@@ -25,6 +25,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from flaxcnn import (
+    analysis,
     checkpoints,
     data,
     interrupts,
@@ -440,9 +441,25 @@ def _fit(config: TrainConfig, workdir: pathlib.Path, resume: bool, overwrite: bo
                                      {**pipeline, **shard}))  # fmt: skip
     store.wait()
     signals.check()
+    if state is not None:
+        so_far.stage = "during the error analysis"
+        summary["analysis"] = _error_analysis(model, workdir, dataset, mesh,
+                                              {**pipeline, **shard}, write=is_main)  # fmt: skip
+        signals.check()
     if is_main:
         report.write_reports(workdir, history, summary=summary)
     return FitResult({"epochs": history, **summary}, model, state)
+
+
+def _error_analysis(model, workdir: pathlib.Path, dataset, mesh, pipeline: dict, *,
+                    write: bool) -> dict[str, dict]:  # fmt: skip
+    """``flaxcnn.analysis`` of the checkpoint ``checkpoints.restore`` loads (the best) on the
+    validation split and the test split if present, from one pass over each."""
+    _, variables, metadata = checkpoints.restore(workdir)
+    return analysis.analyse(
+        lambda v, x: model.apply(v, x, train=False), sharding.replicate(variables, mesh),
+        dataset, mesh, workdir, checkpoint=f"best checkpoint (epoch {metadata['epoch']})",
+        pipeline=pipeline, write=write)  # fmt: skip
 
 
 def _test_results(model, state, workdir: pathlib.Path, history: list[dict], dataset, mesh,

@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 
-from flaxcnn import analysis, analysis_figures, data, sharding
+from flaxcnn import analysis, analysis_figures, checkpoints, data, sharding
 from flaxcnn.models import build_model, random_variables
 
 # A 3-class case built by hand: confusion matrix [true, predicted] ...
@@ -201,3 +201,41 @@ def test_gathered_predictions_are_the_model_outputs_of_the_examples_they_name(
     images = data.decoded_images(dataset, "validation", [3, 0], 32)
     as_loaded = data.load_images([paths[3], paths[0]], 32, "unit") * 255
     np.testing.assert_array_equal(images, np.round(as_loaded).astype(np.uint8))
+
+
+def test_a_run_ends_with_the_error_analysis_of_its_best_checkpoint(
+    tiny_cats_vs_dogs, tmp_path, capsys
+):
+    """A whole CLI run (in process; the SimpleCNN entry point, whose compilations are cheap,
+    drives the same ``fit``) with a test split: the analysis of the best checkpoint on
+    validation and test is written, listed in metrics.json and logged last."""
+    import shutil
+
+    from flaxcnn.experiments import simple_cnn
+
+    folder = tmp_path / "photos"
+    shutil.copytree(tiny_cats_vs_dogs, folder)
+    shutil.copytree(tiny_cats_vs_dogs / "validation", folder / "test")
+    workdir = tmp_path / "run"
+    argv = ["--data", str(folder), "--workdir", str(workdir), "--no-download",
+            "--batch-size", "8", "--head-epochs", "3", "--no-compilation-cache"]  # fmt: skip
+    assert simple_cnn.main(argv) == 0
+    log = capsys.readouterr().err
+    best_epoch = checkpoints.restore(workdir)[2]["epoch"]
+    summary = json.loads((workdir / "metrics.json").read_text())["analysis"]
+    for split in ("validation", "test"):
+        report = json.loads((workdir / "analysis" / split / "report.json").read_text())
+        assert report["count"] == 16 and sum(map(sum, report["confusion_matrix"])) == 16
+        assert summary[split]["ece"] == report["calibration"]["ece"]
+        assert f"error analysis, {split}, best checkpoint (epoch {best_epoch}): 16 images" in log
+        rows = (workdir / "analysis" / split / "predictions.csv").read_text().splitlines()[1:]
+        assert sorted(r.split(",")[0] for r in rows) == sorted(
+            f"{split}/{p.parent.name}/{p.name}" for p in (folder / split).glob("*/*.jpg")
+        )
+        for png in ("confusion_matrix.png", "highest_loss.png"):
+            assert (workdir / "analysis" / split / png).stat().st_size > 10_000
+    # The test split's accuracy is the one the run reports for the best checkpoint.
+    test_best = json.loads((workdir / "metrics.json").read_text())["test_best"]
+    assert summary["test"]["accuracy"] == pytest.approx(test_best["accuracy"])
+    lines = log.strip().splitlines()
+    assert "most confused" in log and "highest-loss images" in lines[-1]
