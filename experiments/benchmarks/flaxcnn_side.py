@@ -176,9 +176,16 @@ def main(argv: Sequence[str] | None = None) -> int:
               "model": the_plan["model"], "image_size": the_plan["image_size"],
               "batch_size": args.batch_size}  # fmt: skip
     wanted = [r for r in args.rows.split(",") if r]
-    results = [step_row(r, the_plan, args) for r in STEP_ROWS if r in wanted]
-    if args.data and any(r in wanted for r in INPUT_ROWS):
-        results += input_rows(the_plan, args)
+    results = []
+    if args.data and any(r in wanted for r in INPUT_ROWS):  # first: a bad folder fails fast
+        from flaxcnn import data
+
+        try:
+            results += input_rows(the_plan, args)
+        except data.DataError as e:
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+            return 2
+    results += [step_row(r, the_plan, args) for r in STEP_ROWS if r in wanted]
     for result in results:
         ms = result["ms"]
         row = {**common, "kind": "step", **result, "ms_median": statistics.median(ms),

@@ -211,7 +211,8 @@ def time_case(keras: Any, tf: Any, case: str, args: argparse.Namespace) -> dict[
            "ms_min": min(times), "first_call_s": first_s, "build_s": build_s,
            "trainable_backbone_params": parameter_count(base.trainable_weights),
            "fine_tune_index": index,
-           "fine_tune_layer": None if index is None else base.layers[index].name}  # fmt: skip
+           "fine_tune_layer": None if index is None else base.layers[index].name,
+           "jit_compile": bool(getattr(model, "jit_compile", False))}  # what Keras used
     del model, base
     return row
 
