@@ -234,8 +234,13 @@ def test_a_run_ends_with_the_error_analysis_of_its_best_checkpoint(
         )
         for png in ("confusion_matrix.png", "highest_loss.png"):
             assert (workdir / "analysis" / split / png).stat().st_size > 10_000
-    # The test split's accuracy is the one the run reports for the best checkpoint.
-    test_best = json.loads((workdir / "metrics.json").read_text())["test_best"]
-    assert summary["test"]["accuracy"] == pytest.approx(test_best["accuracy"])
+    # The analysis sees what the run measured for the best checkpoint: its validation epoch
+    # and its test result.
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    [best] = [e for e in metrics["epochs"] if e["epoch"] == best_epoch]
+    validation = json.loads((workdir / "analysis" / "validation" / "report.json").read_text())
+    assert validation["accuracy"] == best["val_accuracy"]
+    assert validation["loss"] == pytest.approx(best["val_loss"], rel=1e-5)
+    assert summary["test"]["accuracy"] == pytest.approx(metrics["test_best"]["accuracy"])
     lines = log.strip().splitlines()
     assert "most confused" in log and "highest-loss images" in lines[-1]
