@@ -244,3 +244,49 @@ def test_a_run_ends_with_the_error_analysis_of_its_best_checkpoint(
     assert summary["test"]["accuracy"] == pytest.approx(metrics["test_best"]["accuracy"])
     lines = log.strip().splitlines()
     assert "most confused" in log and "highest-loss images" in lines[-1]
+
+
+def test_tfds_examples_are_named_by_split_and_position(tiny_cats_vs_dogs, tmp_path):
+    """A real TFDS builder with a train split only: the carved validation names its examples
+    'train[i]' (as ``skipped`` does), and ``decoded_images`` shows those examples, from the
+    decoded cache and from the encoded records alike."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    files = [(f, label) for label, name in enumerate(("cat", "dog"))
+             for f in sorted((tiny_cats_vs_dogs / "train" / name).glob("*.jpg"))[:5]]  # fmt: skip
+
+    class FlaxcnnAnalysisPhotos(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            features = tfds.features.FeaturesDict({
+                "image": tfds.features.Image(encoding_format="jpeg"),
+                "label": tfds.features.ClassLabel(names=["cat", "dog"]),
+            })  # fmt: skip
+            return tfds.core.DatasetInfo(builder=self, features=features,
+                                         supervised_keys=("image", "label"))  # fmt: skip
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i, (path, label) in enumerate(files):
+                yield i, {"image": path, "label": label}
+
+    name = FlaxcnnAnalysisPhotos.name
+    dataset = data.open_dataset(name, data_dir=str(tmp_path), validation_fraction=0.4)
+    ids = data.example_ids(dataset, "validation")
+    assert len(ids) == 4 and all(i.startswith("train[") and i.endswith("]") for i in ids)
+    # 'train[i]' is the i-th record of the prepared split (TFDS stores them shuffled):
+    # find its file by its bytes, which the builder stored as they are.
+    records = tfds.builder(name, data_dir=str(tmp_path)).as_dataset(
+        split="train", shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()}
+    )
+    stored = [example["image"] for example in tfds.as_numpy(records)]
+    by_bytes = {path.read_bytes(): path for path, _ in files}
+    paths = [by_bytes[stored[int(i[len("train[") : -1])]] for i in ids]
+    expected = data.load_images(paths, 32, "unit") * 255
+    for limit in (data.DEFAULT_CACHE_LIMIT_BYTES, 0):  # decoded split in memory, or records
+        opened = data.open_dataset(name, data_dir=str(tmp_path), validation_fraction=0.4,
+                                   cache_limit_bytes=limit)  # fmt: skip
+        images = data.decoded_images(opened, "validation", range(4), 32)
+        np.testing.assert_array_equal(images, np.round(expected).astype(np.uint8))
