@@ -49,7 +49,9 @@ HELP = {
     "conv_impl": "convolution formulation (auto: fastest for the backend; results identical)",
     "head_epochs": "epochs of phase 1 (feature extraction: frozen backbone); default: 50 "
     "on cached features (nearly free), 10 otherwise",
-    "head_learning_rate": "peak AdamW learning rate of phase 1",
+    "head_learning_rate": "peak AdamW learning rate of phase 1 (default: picked with "
+    "--weight-decay by the head phase itself, from a grid trained at once on the cached "
+    "features by lowest validation loss; 1e-2 where the head trains on images)",
     "feature_cache": "phase 1 on cached backbone features (auto: on; the head phase then "
     "trains without augmentation), and fine-tuning's validation on cached activations of the "
     "frozen layers (auto: when they fit in 2 GiB); off: neither",
@@ -63,8 +65,15 @@ HELP = {
     "or constant (the Keras tutorial)",
     "fine_tune_at": "first trainable backbone layer in phase 2: a Keras layer index (as the "
     "TensorFlow tutorial's 100) or a layer/block name (default: the model's own)",
-    "weight_decay": "decoupled weight decay on trainable kernels (AdamW); frozen leaves "
-    "stay bit-identical",
+    "weight_decay": "decoupled weight decay on trainable kernels (AdamW) in phase 1, and in "
+    "phase 2 unless --finetune-weight-decay is given (default: picked with "
+    "--head-learning-rate for phase 1, 0.1 for phase 2); frozen leaves stay bit-identical",
+    "finetune_weight_decay": "weight decay of phase 2 (default: --weight-decay if given, "
+    "else 0.1)",
+    "tta": "test-time augmentation of validation, test and predict (checkpoints record it): "
+    "flip averages the logits of each image and its mirror",
+    "class_weight": "weigh the training loss by class; balanced: n / (classes x count) per "
+    "class, as Keras's and scikit-learn's (for folders with skewed class counts)",
     "seed": "seed of initialisation, data order, augmentation and dropout",
     "keep_checkpoints": "resumable checkpoints kept (the best one is kept separately)",
     "checkpoint_every_seconds": "save at the end of an epoch only if this long has passed "
@@ -153,7 +162,8 @@ def build_parser(prog: str, description: str, defaults: TrainConfig,
                            formatter_class=DefaultsOnceHelpFormatter)  # fmt: skip
     fields = {f.name: f for f in dataclasses.fields(config_lib.TrainConfig)}
     choices = {"dtype": config_lib.DTYPES, "feature_cache": config_lib.FEATURE_CACHE,
-               "lr_schedule": config_lib.LR_SCHEDULES, "conv_impl": CONV_IMPLS}  # fmt: skip
+               "lr_schedule": config_lib.LR_SCHEDULES, "conv_impl": CONV_IMPLS,
+               "tta": config_lib.TTA_MODES, "class_weight": config_lib.CLASS_WEIGHTS}  # fmt: skip
     for name in flags:
         if name == "model_options":
             add_model_flags(parser)

@@ -16,10 +16,15 @@ from typing import Any
 
 from flaxcnn import models
 from flaxcnn.models import CONV_IMPLS
+from flaxcnn.tta import MODES as TTA_MODES
 
 DTYPES = ("float32", "bfloat16")
 FEATURE_CACHE = ("auto", "on", "off")
 LR_SCHEDULES = ("cosine", "constant")
+CLASS_WEIGHTS = ("none", "balanced")
+# The head recipe where the head phase cannot search it (no cached features, or a model
+# trained from scratch): an unset field takes these (README "Default recipe").
+DEFAULT_HEAD_RECIPE = {"head_learning_rate": 1e-2, "weight_decay": 0.1}
 
 
 class ConfigError(ValueError):
@@ -37,7 +42,10 @@ class TrainConfig:
 
     Defaults are the transfer recipe (see README "Default recipe" for why each value).
     ``None`` for ``image_size`` and ``fine_tune_at`` means the model's own default (the
-    resolution its weights were trained at; its contract's fine-tuning point).
+    resolution its weights were trained at; its contract's fine-tuning point). ``None`` for
+    ``head_learning_rate`` and ``weight_decay`` means the head phase picks it on the cached
+    features (``flaxcnn.head_search``; the run records the pick), or takes
+    :data:`DEFAULT_HEAD_RECIPE`'s where it cannot.
     """
 
     # Data.
@@ -48,6 +56,7 @@ class TrainConfig:
     batch_size: int = 32
     augment: bool = True
     validation_fraction: float = 0.2
+    class_weight: str = "none"  # 'balanced': the training loss weighs classes n / (k * n_c)
     # Model.
     model: str = models.DEFAULT_MODEL
     model_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -57,7 +66,7 @@ class TrainConfig:
     conv_impl: str = "auto"
     # Phase 1 (transfer: feature extraction; from-scratch models: the only phase).
     head_epochs: int | None = None  # None: 50 on cached features, else 10
-    head_learning_rate: float = 1e-2
+    head_learning_rate: float | None = None  # None: searched (see the docstring)
     feature_cache: str = "auto"
     early_stopping_patience: int = 0
     # Phase 2: fine-tuning.
@@ -66,7 +75,9 @@ class TrainConfig:
     finetune_head_learning_rate: float = 1e-3
     fine_tune_at: str | None = None
     lr_schedule: str = "cosine"  # per phase: from the phase's learning rate to 0
-    weight_decay: float = 0.1  # AdamW, trainable kernels: keeps the cached-feature head calibrated
+    weight_decay: float | None = None  # AdamW on trainable kernels; None: searched
+    finetune_weight_decay: float | None = None  # None: --weight-decay if given, else 0.1
+    tta: str = "none"  # test-time augmentation of validation, test and predict (flaxcnn.tta)
     # Run.
     seed: int = 0
     workdir: str | None = None
@@ -98,7 +109,8 @@ class TrainConfig:
         check(self.finetune_epochs >= 0, "finetune-epochs", "an integer >= 0")
         # `inf` passes `> 0`, and would train on NaN weights from the first step on.
         positive = lambda x: 0 < x < math.inf
-        check(positive(self.head_learning_rate), "head-learning-rate", "a positive number")
+        check(self.head_learning_rate is None or positive(self.head_learning_rate),
+              "head-learning-rate", "a positive number")  # fmt: skip
         check(positive(self.finetune_learning_rate), "finetune-learning-rate",
               "a positive number")  # fmt: skip
         check(positive(self.finetune_head_learning_rate), "finetune-head-learning-rate",
@@ -106,7 +118,11 @@ class TrainConfig:
         check(self.lr_schedule in LR_SCHEDULES, "lr-schedule", ", ".join(LR_SCHEDULES))
         check(self.feature_cache in FEATURE_CACHE, "feature-cache", ", ".join(FEATURE_CACHE))
         check(self.early_stopping_patience >= 0, "early-stopping-patience", "an integer >= 0")
-        check(0 <= self.weight_decay < math.inf, "weight-decay", "a number >= 0")
+        for flag in ("weight-decay", "finetune-weight-decay"):
+            value = getattr(self, flag.replace("-", "_"))
+            check(value is None or 0 <= value < math.inf, flag, "a number >= 0")
+        check(self.tta in TTA_MODES, "tta", ", ".join(TTA_MODES))
+        check(self.class_weight in CLASS_WEIGHTS, "class-weight", ", ".join(CLASS_WEIGHTS))
         check(0 <= self.checkpoint_every_seconds < math.inf, "checkpoint-every-seconds",
               "a number >= 0")  # fmt: skip
         check(self.keep_checkpoints >= 1, "keep-checkpoints", "an integer >= 1")
@@ -157,12 +173,47 @@ class TrainConfig:
             return str(self.fine_tune_at)
         return self.backbone.default_fine_tune_at if self.backbone else ""
 
+    @property
+    def resolved_finetune_weight_decay(self) -> float:
+        """Fine-tuning's decay: its own, else ``--weight-decay``'s if given, else the default
+        (a decay the head phase searches is the head phase's alone)."""
+        for value in (self.finetune_weight_decay, self.weight_decay):
+            if value is not None:
+                return value
+        return DEFAULT_HEAD_RECIPE["weight_decay"]
+
+    @property
+    def head_on_cached_features(self) -> bool:
+        """Whether the head phase trains on cached backbone features (README "Default
+        recipe": always, unless ``feature_cache='off'`` or there is no head phase)."""
+        return self.backbone is not None and (
+            self.feature_cache == "on" or (self.feature_cache == "auto" and self.head_epochs != 0)
+        )
+
+    def head_recipe(self) -> dict[str, float]:
+        """The head recipe in force: the given (or picked) values, :data:`DEFAULT_HEAD_RECIPE`'s
+        for unset ones."""
+        return {field: default if getattr(self, field) is None else getattr(self, field)
+                for field, default in DEFAULT_HEAD_RECIPE.items()}  # fmt: skip
+
+    @property
+    def searches_head_recipe(self) -> bool:
+        """Whether the head phase picks the unset fields of its recipe (on cached features)."""
+        unset = any(getattr(self, field) is None for field in DEFAULT_HEAD_RECIPE)
+        return unset and self.head_on_cached_features and self.head_epochs != 0
+
     def resolved(self) -> TrainConfig:
-        """This config with the model's defaults written in (what ``config.json`` records)."""
+        """This config with the model's defaults written in (what ``config.json`` records);
+        the head recipe stays unset where the head phase will search it."""
+        recipe = {} if self.searches_head_recipe else {
+            field: value for field, value in DEFAULT_HEAD_RECIPE.items()
+            if getattr(self, field) is None}  # fmt: skip
         return self.replace(
             image_size=self.resolved_image_size,
             fine_tune_at=self.resolved_fine_tune_at or None,
             model_options=self.options,
+            finetune_weight_decay=self.resolved_finetune_weight_decay,
+            **recipe,
         )
 
     @property
@@ -200,6 +251,9 @@ class TrainConfig:
         fields = {f.name for f in dataclasses.fields(cls)}
         values = json.loads(text)
         values.pop("invocations", None)
+        # What ran before these fields existed: no TTA, one decay for both phases.
+        values.setdefault("tta", "none")
+        values.setdefault("finetune_weight_decay", values.get("weight_decay"))
         options = {name for backbone in models.BACKBONES.values() for name in backbone.options}
         moved = {k: values.pop(k) for k in list(values) if k in options - fields}
         if moved:

@@ -650,3 +650,8 @@ def decoded_images(
     load = _image_loader(dataset, split, hw)
     images = [load(tf.constant(int(p), tf.int64)).numpy() for p in positions]
     return np.stack(images) if images else np.zeros((0, *hw, 3), np.uint8)
+
+
+def class_counts(dataset: ImageDataset, split: str) -> np.ndarray:
+    """Usable examples per class of ``split`` (``[len(class_names)]``, int64)."""
+    return np.bincount(_split(dataset, split).labels, minlength=len(dataset.class_names))

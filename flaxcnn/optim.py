@@ -67,7 +67,7 @@ def make_optimizer(
     learning_rate: LearningRate,
     labels: Any,
     *,
-    weight_decay: float = 0.0,
+    weight_decay: float | jax.Array = 0.0,
     head_learning_rate: LearningRate | None = None,
 ) -> optax.GradientTransformation:
     """Adam (AdamW when ``weight_decay > 0``, on trainable kernels only); frozen leaves get 0.
@@ -81,9 +81,10 @@ def make_optimizer(
         ``labels`` holds any.
     """
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+    # A traced decay (one per head of the recipe search, flaxcnn.head_search) is AdamW's.
+    decays = not isinstance(weight_decay, int | float) or weight_decay != 0
     adam = lambda rate: (
-        optax.adamw(rate, weight_decay=weight_decay, mask=decay_mask)
-        if weight_decay
+        optax.adamw(rate, weight_decay=weight_decay, mask=decay_mask) if decays
         else optax.adam(rate)
     )
     transforms = {TRAINABLE: adam(learning_rate), FROZEN: optax.set_to_zero()}

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from flaxcnn import data, metrics, optim, train
+from flaxcnn import data, metrics, optim, train, tta
 from flaxcnn.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -70,22 +70,25 @@ class Phase:
 
 
 def plan(config: TrainConfig) -> list[Phase]:
-    """The phases a config asks for (validated: a bad ``fine_tune_at`` fails before any work)."""
+    """The phases a config asks for (validated: a bad ``fine_tune_at`` fails before any work).
+
+    An unset head recipe is planned at ``config.DEFAULT_HEAD_RECIPE``; ``run.fit`` plans
+    again with the head phase's pick (``flaxcnn.head_search``) before anything trains.
+    """
     backbone = config.backbone
+    head_rate = config.head_recipe()["head_learning_rate"]
     if backbone is None:
         epochs = HEAD_EPOCHS if config.head_epochs is None else config.head_epochs
-        return [Phase("train", epochs, config.head_learning_rate, tuple(optim.ALL_TRAINABLE),
+        return [Phase("train", epochs, head_rate, tuple(optim.ALL_TRAINABLE),
                       None, False, config.augment)]  # fmt: skip
-    cache = config.feature_cache == "on" or (
-        config.feature_cache == "auto" and config.head_epochs != 0
-    )
+    cache = config.head_on_cached_features
     head_epochs = config.head_epochs
     if head_epochs is None:
         head_epochs = HEAD_EPOCHS_CACHED if cache else HEAD_EPOCHS
     first = backbone.fine_tune_layer(config.resolved_fine_tune_at, **config.options)
     trainable = backbone.layers_from(first, **config.options)
     return [
-        Phase("head", head_epochs, config.head_learning_rate, tuple(optim.transfer_rules()),
+        Phase("head", head_epochs, head_rate, tuple(optim.transfer_rules()),
               None, cache, config.augment and not cache),
         Phase("finetune", config.finetune_epochs, config.finetune_learning_rate,
               tuple(optim.transfer_rules(trainable, head_label=optim.HEAD)), first, False,
@@ -93,9 +96,10 @@ def plan(config: TrainConfig) -> list[Phase]:
     ]  # fmt: skip
 
 
-def _schedule(rate: float, phase: Phase, config: TrainConfig, steps_per_epoch: int):
-    """A learning rate over a phase: cosine decay from ``rate`` to 0, or constant."""
-    if config.lr_schedule == "constant":
+def learning_rate_schedule(rate: Any, phase: Phase, kind: str, steps_per_epoch: int):
+    """A learning rate over a phase: cosine decay from ``rate`` to 0, or constant (``kind``,
+    ``TrainConfig.lr_schedule``); ``rate`` may be traced (``flaxcnn.head_search``)."""
+    if kind == "constant":
         return optax.constant_schedule(rate)
     return optax.cosine_decay_schedule(rate, max(phase.epochs * steps_per_epoch, 1))
 
@@ -143,9 +147,15 @@ class PhaseSetup:
         )
 
 
+def head_apply(model: Any):
+    """``(variables, features, **kw) -> logits``: the head of a ``TransferClassifier`` alone,
+    as it trains and evaluates on cached features."""
+    return lambda v, x, **kw: model.apply(v, x, method=model.classify_features, **kw)
+
+
 def setup(
     phase: Phase, params: Any, model: Any, mesh: jax.sharding.Mesh, config: TrainConfig,
-    steps_per_epoch: int,
+    steps_per_epoch: int, class_weights: np.ndarray | None = None,
 ) -> PhaseSetup:  # fmt: skip
     """Computes a phase's labels, frozen tree, optimizer and steps (jitted, compiled on use).
 
@@ -156,22 +166,28 @@ def setup(
       mesh: the device mesh.
       config: the run.
       steps_per_epoch: optimizer steps per epoch (the schedules' length).
+      class_weights: per-class weights of the training loss (``--class-weight``), if any.
     """
     labels = optim.path_labels(params, phase.rules)
     frozen = train.frozen_tree(labels)
-    rate = _schedule(phase.learning_rate, phase, config, steps_per_epoch)
+    rate = learning_rate_schedule(phase.learning_rate, phase, config.lr_schedule,
+                                  steps_per_epoch)  # fmt: skip
     head_rate = None
     if phase.head_learning_rate is not None:
-        head_rate = _schedule(phase.head_learning_rate, phase, config, steps_per_epoch)
-    tx = optim.make_optimizer(rate, labels, weight_decay=config.weight_decay,
+        head_rate = learning_rate_schedule(phase.head_learning_rate, phase,
+                                           config.lr_schedule, steps_per_epoch)  # fmt: skip
+    recipe = config.head_recipe()
+    decay = recipe["weight_decay"]
+    if phase.name == "finetune":
+        decay = config.resolved_finetune_weight_decay
+    tx = optim.make_optimizer(rate, labels, weight_decay=decay,
                               head_learning_rate=head_rate)  # fmt: skip
-    if phase.cached_features:
-        apply_fn = lambda v, x, **kw: model.apply(v, x, method=model.classify_features, **kw)
-    else:
-        apply_fn = model.apply
+    apply_fn = head_apply(model) if phase.cached_features else model.apply
     input_key = "features" if phase.cached_features else "image"
+    # On cached features the views of test-time augmentation come from the cache (PhaseData).
     steps = train.make_steps(apply_fn, frozen, mesh, update_batch_stats=config.backbone is None,
-                             input_key=input_key)  # fmt: skip
+                             input_key=input_key, class_weights=class_weights,
+                             tta="none" if phase.cached_features else config.tta)  # fmt: skip
     learning_rates = lambda step: {
         "learning_rate": float(rate(step)),
         **({"head_learning_rate": float(head_rate(step))} if head_rate else {}),
@@ -214,9 +230,10 @@ class PhaseData:
       pipeline: ``data.eval_batches``/``train_batches`` keywords (size, preprocessing, shard).
       shard: this process's share (``process_index``, ``process_count``).
       mesh: the device mesh.
-      validation_cache: validation from cached features or activations (else the images).
+      validation_cache: validation from cached features or activations (else the images);
+        with test-time augmentation those of every view (``[N, V, ...]``, ``flaxcnn.tta``).
       validation_step: the step that evaluates ``validation_cache`` when it is not the
-        phase's own (activations entering a stage, see :func:`validation_cache`).
+        phase's own (activations entering a stage, see :func:`validation_cache`; views).
     """
 
     dataset: data.ImageDataset
@@ -231,20 +248,27 @@ class PhaseData:
     validation_step: Any = None
 
     @classmethod
-    def build(cls, phase: Phase, dataset, model, state, mesh, config: TrainConfig, pipeline,
+    def build(cls, phase: Phase, dataset, model, variables, mesh, config: TrainConfig, pipeline,
               shard) -> PhaseData:  # fmt: skip
-        """Caches what the phase can cache (features; frozen validation activations)."""
+        """Caches what the phase can cache (features; frozen validation activations) of the
+        backbone in ``variables``."""
         cache = None
         if phase.cached_features:
             t0 = time.time()
-            cache = {split: train.extract_features(model, state.variables, data.eval_batches(
-                dataset, split, **pipeline, **shard), mesh)
+            cache = {split: train.extract_features(
+                model, variables, data.eval_batches(dataset, split, **pipeline, **shard), mesh,
+                tta=config.tta if split == "validation" else "none")
                 for split in ("train", "validation")}  # fmt: skip
-            log.info("cached %d + %d feature vectors in %.1f s", len(cache["train"]["label"]),
-                     len(cache["validation"]["label"]), time.time() - t0)  # fmt: skip
+            views = tta.num_views(config.tta)
+            log.info("cached %d + %d%s feature vectors in %.1f s", len(cache["train"]["label"]),
+                     len(cache["validation"]["label"]), f" x {views} views" if views > 1 else "",
+                     time.time() - t0)  # fmt: skip
             validation, step = cache["validation"], None  # the phase's own steps take features
+            if views > 1:
+                step = train.make_eval_step(head_apply(model), mesh, input_key="features",
+                                            cached_views=True)  # fmt: skip
         else:
-            validation, step = validation_cache(phase, dataset, model, state, mesh, config,
+            validation, step = validation_cache(phase, dataset, model, variables, mesh, config,
                                                 pipeline, shard)  # fmt: skip
         source = cls(dataset, cache, phase.augment, config.batch_size, config.seed, pipeline,
                      shard, mesh, validation, step)  # fmt: skip
@@ -291,8 +315,8 @@ class PhaseData:
         return state, sums
 
 
-def validation_cache(phase: Phase, dataset, model, state, mesh, config: TrainConfig, pipeline,
-                     shard):  # fmt: skip
+def validation_cache(phase: Phase, dataset, model, variables, mesh, config: TrainConfig,
+                     pipeline, shard):  # fmt: skip
     """The validation split's activations entering the first stage that trains, computed once.
 
     The stages below it are frozen, with their norms in inference mode, and validation images
@@ -300,7 +324,8 @@ def validation_cache(phase: Phase, dataset, model, state, mesh, config: TrainCon
     phase; each epoch's evaluation then runs only the stages that train (results equal up to
     float rounding). With the default model fine-tuned from its layer 100 on a 2-core CPU an
     epoch's evaluation takes ~2 s instead of ~10 s. Off with ``feature_cache='off'``; with
-    ``'auto'`` only when the activations fit ``EVAL_CACHE_MAX_BYTES``. Returns ``(cache, eval_step)``,
+    ``'auto'`` only when the activations fit ``EVAL_CACHE_MAX_BYTES``. With test-time
+    augmentation the cache holds the activations of every view. Returns ``(cache, eval_step)``,
     or Nones where nothing below the trainable part is frozen in the backbone (a model from
     scratch, fine-tuning from the stem; the head phase caches its pooled features itself).
     """
@@ -312,20 +337,22 @@ def validation_cache(phase: Phase, dataset, model, state, mesh, config: TrainCon
         return None, None
     image = jnp.zeros((1, *pipeline["image_size"], 3))
     shape = jax.eval_shape(functools.partial(model.apply, method=model.features, stop=stage),
-                           state.variables, image).shape[1:]  # fmt: skip
+                           variables, image).shape[1:]  # fmt: skip
     n = dataset.split_sizes["validation"]
-    nbytes = n * int(np.prod(shape)) * 4
+    views = tta.num_views(config.tta)
+    nbytes = n * views * int(np.prod(shape)) * 4
     if config.feature_cache == "auto" and nbytes > EVAL_CACHE_MAX_BYTES:
         log.info("validation activations at %s would take %.1f GB: evaluating from the images",
                  phase.first_trainable, nbytes / 1e9)  # fmt: skip
         return None, None
     t0 = time.time()
     cache = train.extract_features(
-        model, state.variables, data.eval_batches(dataset, "validation", **pipeline, **shard),
-        mesh, stop=stage)  # fmt: skip
+        model, variables, data.eval_batches(dataset, "validation", **pipeline, **shard),
+        mesh, stop=stage, tta=config.tta)  # fmt: skip
     log.info("cached the validation activations entering %s (%d x %s, %.0f MB) in %.1f s; "
              "evaluation runs from there (training starts at %s)", backbone.stage_names[stage],
-             n, "x".join(map(str, shape)), nbytes / 1e6, time.time() - t0,
+             n * views, "x".join(map(str, shape)), nbytes / 1e6, time.time() - t0,
              phase.first_trainable)  # fmt: skip
     from_stage = lambda v, x, **kw: model.apply(v, x, start=stage, **kw)
-    return cache, train.make_eval_step(from_stage, mesh, input_key="features")
+    return cache, train.make_eval_step(from_stage, mesh, input_key="features",
+                                       cached_views=views > 1)  # fmt: skip

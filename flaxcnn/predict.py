@@ -6,9 +6,10 @@
 
 Inputs are image files, folders (their images, recursively) and quoted glob patterns, which
 predict expands itself (``**`` included). The preprocessing contract (input size, scaling,
-class names) is read from the checkpoint's metadata, so predictions see exactly what training
-saw. A checkpoint of an ImageNet classifier (a Keras file with its top, converted by
-``python -m flaxcnn.weights convert``) names the 1000 ImageNet classes
+class names, test-time augmentation) is read from the checkpoint's metadata, so predictions
+see exactly what training saw and score as the run's validation did (``--tta`` overrides the
+run's test-time augmentation). A checkpoint of an ImageNet classifier (a Keras file with its
+top, converted by ``python -m flaxcnn.weights convert``) names the 1000 ImageNet classes
 (``flaxcnn.imagenet_labels``). A file that cannot be read is reported in one line and the
 others are classified; the exit status is then 2, as for a bad flag or checkpoint.
 """
@@ -25,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from flaxcnn import checkpoints, data, imagenet_labels, models
+from flaxcnn import checkpoints, data, imagenet_labels, models, tta
 
 PROG = "python -m flaxcnn.predict"
 IMAGENET_CLASSES = 1000
@@ -99,9 +100,17 @@ def expand_inputs(inputs: Sequence[str | os.PathLike]) -> tuple[list[pathlib.Pat
     return list(dict.fromkeys(files)), problems
 
 
+def tta_mode(metadata: Mapping[str, Any], override: str | None = None) -> str:
+    """The test-time augmentation to predict with: ``override``, else the run's (checkpoints
+    record it; those written before it was recorded, and converted Keras files, have none)."""
+    mode = override or metadata.get("tta") or "none"
+    tta.num_views(mode)  # raises on an unknown mode
+    return mode
+
+
 def iter_predictions(
     model: Any, variables: Any, metadata: Mapping[str, Any], paths: Sequence[str | os.PathLike],
-    top_k: int = 1, batch_size: int = 32,
+    top_k: int = 1, batch_size: int = 32, tta_override: str | None = None,
 ) -> Iterator[dict[str, Any]]:  # fmt: skip
     """:func:`predict_files`, one result at a time, in the order of ``paths``."""
     import jax
@@ -111,7 +120,9 @@ def iter_predictions(
     names = class_names(metadata)
     top_k = min(top_k, len(names))
     size, mode = metadata["image_size"], metadata["preprocessing"]
-    apply = jax.jit(lambda v, x: jax.nn.softmax(model.apply(v, x, train=False).astype("float32")))
+    views = tta_mode(metadata, tta_override)
+    logits = lambda v, x: tta.logits(lambda y: model.apply(v, y, train=False), x, views)
+    apply = jax.jit(lambda v, x: jax.nn.softmax(logits(v, x).astype("float32")))
     # One batch shape for every call, the last batch padded: one compilation.
     shape = min(batch_size, len(paths))
     pending: list[tuple[str, np.ndarray | str]] = []  # (path, image) or (path, error message)
@@ -150,7 +161,7 @@ def iter_predictions(
 
 def predict_files(
     model: Any, variables: Any, metadata: Mapping[str, Any], paths: Sequence[str | os.PathLike],
-    top_k: int = 1, batch_size: int = 32,
+    top_k: int = 1, batch_size: int = 32, tta_override: str | None = None,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Class probabilities of each image file.
 
@@ -159,6 +170,8 @@ def predict_files(
       paths: image files.
       top_k: classes to rank per image (positive; more than the class count ranks them all).
       batch_size: images per forward pass.
+      tta_override: test-time augmentation (``flaxcnn.tta.MODES``) instead of the run's
+        (``metadata['tta']``).
 
     Returns:
       One dict per path, in order: ``{'image', 'label', 'probability', 'top_k': [[label, p],
@@ -169,7 +182,8 @@ def predict_files(
       CheckpointError: the checkpoint is a feature extractor, not a classifier.
       ValueError: ``top_k`` or ``batch_size`` is not positive.
     """
-    return list(iter_predictions(model, variables, metadata, paths, top_k, batch_size))
+    return list(iter_predictions(model, variables, metadata, paths, top_k, batch_size,
+                                 tta_override))
 
 
 def _positive_int(text: str) -> int:
@@ -198,6 +212,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "the class count prints every class; default: 1)")  # fmt: skip
     parser.add_argument("--batch-size", type=_positive_int, default=32,
                         help="images per forward pass (default: 32)")
+    parser.add_argument("--tta", choices=tta.MODES, default=None,
+                        help="test-time augmentation: flip averages each image's and its "
+                        "mirror's logits (default: what the run validated with)")  # fmt: skip
     parser.add_argument("--json", action="store_true",
                         help="one JSON object per image: label, probability, top_k and the "
                         "probability of every class by name")  # fmt: skip
@@ -214,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         fail(problem)
     failed, classified = len(problems), 0
     for result in iter_predictions(model, variables, metadata, paths, args.top_k,
-                                   args.batch_size):  # fmt: skip
+                                   args.batch_size, args.tta):  # fmt: skip
         if "error" in result:
             fail(result["error"])
             failed += 1

@@ -28,6 +28,7 @@ from flaxcnn import (
     analysis,
     checkpoints,
     data,
+    head_search,
     interrupts,
     metrics,
     optim,
@@ -36,6 +37,7 @@ from flaxcnn import (
     report,
     sharding,
     train,
+    tta,
 )
 from flaxcnn import resume as resume_lib
 from flaxcnn.config import ConfigError, TrainConfig
@@ -285,6 +287,8 @@ def _fit(config: TrainConfig, workdir: pathlib.Path, resume: bool, overwrite: bo
     # setting leaves nothing behind.
     config = config.resolved()
     resume_lib.check_workdir(workdir, resume=resume, overwrite=overwrite)
+    if resume:  # the head recipe the run picked, not a new search
+        config = head_search.recorded(config, workdir)
     plan = phases.plan(config)
     mesh = sharding.make_mesh()
     sharding.check_batch_size(config.batch_size, mesh)
@@ -305,6 +309,11 @@ def _fit(config: TrainConfig, workdir: pathlib.Path, resume: bool, overwrite: bo
              jax.devices()[0].device_kind, jax.default_backend(), jax.process_count())  # fmt: skip
     for note in dataset.notes:
         log.info("%s", note)
+    counts = data.class_counts(dataset, "train")
+    class_weights = metrics.class_weights_for(config.class_weight, counts)
+    imbalance = metrics.imbalance_warning(dataset.class_names, counts, config.class_weight)
+    if imbalance:
+        log.warning("warning: %s", imbalance)
     hw = (config.image_size, config.image_size)
     mconfig = config.model_config(len(dataset.class_names))
     model = build_model(mconfig, dtype=config.compute_dtype, conv_impl=config.conv_impl)
@@ -312,17 +321,20 @@ def _fit(config: TrainConfig, workdir: pathlib.Path, resume: bool, overwrite: bo
         "format": FORMAT, "model": mconfig, "image_size": list(hw),
         "preprocessing": preprocessing, "class_names": list(dataset.class_names),
         "data": dataset.name, "config": dataclasses.asdict(config),
-        "phase_epochs": [phase.epochs for phase in plan],
+        "phase_epochs": [phase.epochs for phase in plan], "tta": config.tta,
     }  # fmt: skip
     shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
     pipeline = dict(batch_size=config.batch_size, image_size=hw, preprocessing=preprocessing)
     rng = jax.random.PRNGKey(config.seed)
+    state_rng = jax.random.fold_in(rng, 2)  # every phase's TrainState (dropout keys)
     latest_dir = workdir / checkpoints.LATEST_DIR
     steps_per_epoch = data.num_batches(dataset, "train", config.batch_size, drop_remainder=True)
 
     abstract = jax.eval_shape(model.init, rng, jnp.zeros((1, *hw, 3)))
-    setups = [phases.setup(phase, abstract["params"], model, mesh, config, steps_per_epoch)
-              for phase in plan]  # fmt: skip
+    make_setups = lambda config, plan: [phases.setup(
+        phase, abstract["params"], model, mesh, config, steps_per_epoch, class_weights)
+        for phase in plan]  # fmt: skip
+    setups = make_setups(config, plan)
     start, state = resume_lib.starting_point(setups, abstract, rng, latest_dir, mesh,
                                              steps_per_epoch) if resume else (
         dict(resume_lib.FRESH_START), None)  # fmt: skip
@@ -337,6 +349,18 @@ def _fit(config: TrainConfig, workdir: pathlib.Path, resume: bool, overwrite: bo
                                               steps_per_epoch)  # fmt: skip
         return FitResult(summary, model, state)
     signals.check()
+    searched, sources = None, {}  # the head phase's data, when the search has built it
+    if config.searches_head_recipe and state is None:
+        so_far.stage = f"as phase {plan[0].name} was being prepared"
+        sources[0] = phases.PhaseData.build(plan[0], dataset, model, variables, mesh, config,
+                                            pipeline, shard)  # fmt: skip
+        searched = head_search.search(config, plan[0], sources[0], model, variables, state_rng,
+                                      class_weights, mesh)  # fmt: skip
+        config = head_search.picked_config(config, searched)
+        plan = phases.plan(config)
+        setups = make_setups(config, plan)
+        base_metadata["config"] = dataclasses.asdict(config)
+        signals.check()
 
     so_far.existed = workdir.exists()
     if overwrite and not resume and holds_run(workdir) and is_main:
@@ -352,6 +376,8 @@ def _fit(config: TrainConfig, workdir: pathlib.Path, resume: bool, overwrite: bo
                                 start_step=int(state.step) if state is not None else 0,
                                 resumed=not so_far.fresh)  # fmt: skip
         report.write_unreadable_list(workdir, dataset.skipped)
+        if searched is not None:
+            head_search.write_results(workdir, head_search.payload(searched, plan[0].epochs))
         events = report.TensorBoardEvents(workdir, history)
         closing.callback(events.close)
     store = checkpoints.RunCheckpoints(workdir, config.keep_checkpoints)
@@ -372,14 +398,14 @@ def _fit(config: TrainConfig, workdir: pathlib.Path, resume: bool, overwrite: bo
                                          int(state.step) - phase_start_step)  # fmt: skip
         else:
             phase_start_step = int(state.step) if state is not None else 0
-            state = setup.initial_state(variables, jax.random.fold_in(rng, 2), phase_start_step)
+            state = setup.initial_state(variables, state_rng, phase_start_step)
             # On the mesh before step 1, or step 2 (fed step 1's output) compiles again.
             state = sharding.replicate(state, mesh)
         log.info("%s", setup.describe(state.params, bool(state.batch_stats),
                                       config.backbone is None))  # fmt: skip
         so_far.stage = f"as phase {phase.name} was being prepared"
-        source = phases.PhaseData.build(phase, dataset, model, state, mesh, config, pipeline,
-                                        shard)  # fmt: skip
+        source = sources.pop(phase_index, None) or phases.PhaseData.build(
+            phase, dataset, model, state.variables, mesh, config, pipeline, shard)
         so_far.stage = f"in phase {phase.name}"
         epoch_offset = (start["epoch"] - first_epoch_in_phase) if resuming_here else (
             history[-1]["epoch"] if history else 0)  # fmt: skip
@@ -438,7 +464,7 @@ def _fit(config: TrainConfig, workdir: pathlib.Path, resume: bool, overwrite: bo
                "class_names": list(dataset.class_names)}  # fmt: skip
     if "test" in dataset.split_sizes and state is not None:
         summary.update(_test_results(model, state, workdir, history, dataset, mesh,
-                                     {**pipeline, **shard}))  # fmt: skip
+                                     {**pipeline, **shard}, config.tta))  # fmt: skip
     store.wait()
     signals.check()
     if state is not None:
@@ -456,19 +482,22 @@ def _error_analysis(model, workdir: pathlib.Path, dataset, mesh, pipeline: dict,
     """``flaxcnn.analysis`` of the checkpoint ``checkpoints.restore`` loads (the best) on the
     validation split and the test split if present, from one pass over each."""
     _, variables, metadata = checkpoints.restore(workdir)
+    mode = metadata.get("tta", "none")  # as the run validated
     return analysis.analyse(
-        lambda v, x: model.apply(v, x, train=False), sharding.replicate(variables, mesh),
+        lambda v, x: tta.logits(lambda y: model.apply(v, y, train=False), x, mode),
+        sharding.replicate(variables, mesh),
         dataset, mesh, workdir, checkpoint=f"best checkpoint (epoch {metadata['epoch']})",
         pipeline=pipeline, write=write)  # fmt: skip
 
 
 def _test_results(model, state, workdir: pathlib.Path, history: list[dict], dataset, mesh,
-                  pipeline: dict) -> dict[str, dict]:  # fmt: skip
+                  pipeline: dict, tta_mode: str) -> dict[str, dict]:  # fmt: skip
     """Test-split metrics of the last state and of the checkpoint ``checkpoints.restore``
-    loads from the workdir (the best by validation accuracy)."""
+    loads from the workdir (the best by validation accuracy), with the run's test-time
+    augmentation."""
     labels = optim.path_labels(state.params, optim.ALL_TRAINABLE)
     steps = train.make_steps(model.apply, train.frozen_tree(labels), mesh,
-                             update_batch_stats=False)  # fmt: skip
+                             update_batch_stats=False, tta=tta_mode)  # fmt: skip
     evaluate = lambda variables: train.evaluate(
         steps, variables, data.eval_batches(dataset, "test", **pipeline), mesh)
     results = {"test": {**evaluate(state.variables), "epoch": history[-1]["epoch"]}}

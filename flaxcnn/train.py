@@ -23,6 +23,7 @@ from flax import linen as nn
 from jax import lax
 
 from flaxcnn import metrics, optim, sharding
+from flaxcnn import tta as tta_lib
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +88,14 @@ def train_step(
     frozen: Any,
     update_batch_stats: bool,
     input_key: str,
+    class_weights: jax.Array | None = None,
 ) -> tuple[TrainState, dict]:
     """One optimisation step; returns the new state and this batch's metric sums.
 
     Frozen leaves (``frozen`` is a static bool tree) are passed through ``stop_gradient``
     so that XLA drops their backward pass entirely, and are left untouched by the update,
-    so they stay bit-identical (``p + 0.0`` would turn ``-0.0`` into ``0.0``).
+    so they stay bit-identical (``p + 0.0`` would turn ``-0.0`` into ``0.0``). The loss (and
+    the loss in the sums) weighs each example by its class's weight, if ``class_weights``.
     """
     dropout_rng = jax.random.fold_in(state.rng, state.step)
 
@@ -108,7 +111,8 @@ def train_step(
             )
         else:
             logits, updates = apply_fn(variables, batch[input_key], **kwargs), {}
-        sums = metrics.classification_sums(logits, batch["label"], batch.get("mask"))
+        sums = metrics.classification_sums(logits, batch["label"], batch.get("mask"),
+                                           class_weights)  # fmt: skip
         return sums["loss_sum"] / jnp.maximum(sums["count"], 1.0), (sums, updates)
 
     grads, (sums, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
@@ -123,16 +127,32 @@ def train_step(
     return new_state, sums
 
 
-def eval_step(variables: Mapping[str, Any], batch: Mapping[str, jax.Array], *, apply_fn, input_key):
-    """Metric sums of one (padded, masked) batch in inference mode."""
-    logits = apply_fn(dict(variables), batch[input_key], train=False)
+def eval_step(
+    variables: Mapping[str, Any], batch: Mapping[str, jax.Array], *, apply_fn, input_key,
+    tta: str = "none", cached_views: bool = False,
+) -> dict:  # fmt: skip
+    """Metric sums of one (padded, masked) batch in inference mode.
+
+    With test-time augmentation (``tta``, see ``flaxcnn.tta``) the logits are the mean of the
+    views' logits; ``cached_views``: the input already holds the views (``[B, V, ...]``
+    cached features or activations of them).
+    """
+    logits_fn = lambda x: apply_fn(dict(variables), x, train=False)
+    x = batch[input_key]
+    if cached_views:
+        logits = tta_lib.mean_logits(logits_fn, x)
+    else:
+        logits = tta_lib.logits(logits_fn, x, tta)
     return metrics.classification_sums(logits, batch["label"], batch.get("mask"))
 
 
-def make_eval_step(apply_fn: Callable, mesh: jax.sharding.Mesh, *, input_key: str = "image"):
+def make_eval_step(apply_fn: Callable, mesh: jax.sharding.Mesh, *, input_key: str = "image",
+                   tta: str = "none", cached_views: bool = False):  # fmt: skip
     """Jits ``eval_step`` with the mesh's shardings (batch split, variables replicated)."""
     return jax.jit(
-        functools.partial(eval_step, apply_fn=apply_fn, input_key=input_key),
+        functools.partial(
+            eval_step, apply_fn=apply_fn, input_key=input_key, tta=tta, cached_views=cached_views
+        ),
         in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
         out_shardings=sharding.replicated(mesh),
     )
@@ -145,8 +165,14 @@ def make_steps(
     *,
     update_batch_stats: bool,
     input_key: str = "image",
+    class_weights: np.ndarray | None = None,
+    tta: str = "none",
 ) -> StepFns:
-    """Jits the steps once per phase with explicit shardings and a donated state."""
+    """Jits the steps once per phase with explicit shardings and a donated state.
+
+    ``class_weights`` weigh the training loss (``train_step``); ``tta`` is the evaluation's
+    test-time augmentation of images (``eval_step``).
+    """
     replicated = sharding.replicated(mesh)
     batch = sharding.batch_sharding(mesh)
     step = functools.partial(
@@ -155,6 +181,7 @@ def make_steps(
         frozen=frozen,
         update_batch_stats=update_batch_stats,
         input_key=input_key,
+        class_weights=None if class_weights is None else jnp.asarray(class_weights, jnp.float32),
     )
     train = jax.jit(
         step,
@@ -162,7 +189,7 @@ def make_steps(
         out_shardings=(replicated, replicated),
         donate_argnums=0,
     )
-    evaluate = make_eval_step(apply_fn, mesh, input_key=input_key)
+    evaluate = make_eval_step(apply_fn, mesh, input_key=input_key, tta=tta)
 
     def scanned(state, batches, sums):
         def body(carry, one_batch):
@@ -262,19 +289,28 @@ def extract_features(
     mesh: jax.sharding.Mesh,
     *,
     stop: int | None = None,
+    tta: str = "none",
 ) -> dict[str, np.ndarray]:
     """Runs the frozen backbone once over a split: ``{'features', 'label'}`` of real examples.
 
     The cached features make the feature-extraction phase cost one forward pass in total
     instead of one per epoch. With ``stop=k`` the features are the activations entering
     backbone stage ``k`` (fine-tuning evaluates from there: ``model.apply(v, x, start=k)``).
+    With test-time augmentation (``tta='flip'``) they are those of every view of each image,
+    ``[N, V, ...]`` (``flaxcnn.tta.views``), for an evaluation with ``cached_views``.
     """
     stages = {} if stop is None else {"stop": stop}
+    count = tta_lib.num_views(tta)
 
     # Labels and mask travel with the images: with several processes each one feeds its own
     # share of a batch, and every process gets the whole (global) cache back.
     def features_of(v, batch):
-        x = model.apply(v, batch["image"], train=False, method=model.features, **stages)
+        apply = lambda x: model.apply(v, x, train=False, method=model.features, **stages)
+        if count == 1:
+            x = apply(batch["image"])
+        else:  # one view at a time, as tta.mean_logits evaluates them
+            views = tta_lib.views(batch["image"], tta)
+            x = jnp.stack([apply(views[:, i]) for i in range(count)], axis=1)
         return x, batch["label"], batch["mask"]
 
     fn = jax.jit(
@@ -306,14 +342,7 @@ def feature_batches(
     for training (``seed`` given), or in order with a padded, masked last batch."""
     n = len(cache["label"])
     local = batch_size // process_count
-    if seed is not None:
-        order = np.random.default_rng([seed, epoch]).permutation(n)
-        count = n // batch_size
-    else:
-        order = np.arange(n)
-        count = -(-n // batch_size)
-    for b in range(start_batch, count):
-        idx = order[b * batch_size : (b + 1) * batch_size]
+    for idx in batch_indices(n, batch_size, seed=seed, epoch=epoch, start_batch=start_batch):
         mask = np.ones(batch_size, bool)
         if len(idx) < batch_size:
             mask[len(idx) :] = False
@@ -323,3 +352,18 @@ def feature_batches(
         if seed is None:
             out["mask"] = mask[mine]
         yield out
+
+
+def batch_indices(
+    n: int, batch_size: int, *, seed: int | None, epoch: int = 0, start_batch: int = 0
+) -> Iterator[np.ndarray]:
+    """The example indices of :func:`feature_batches`' batches (the last one may be short
+    when evaluating); the head-recipe search trains on the same order."""
+    if seed is not None:
+        order = np.random.default_rng([seed, epoch]).permutation(n)
+        count = n // batch_size
+    else:
+        order = np.arange(n)
+        count = -(-n // batch_size)
+    for b in range(start_batch, count):
+        yield order[b * batch_size : (b + 1) * batch_size]

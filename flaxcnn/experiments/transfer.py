@@ -17,8 +17,9 @@ FLAGS = (
     "batch_size",
     "head_epochs", "head_learning_rate", "feature_cache", "finetune_epochs",
     "finetune_learning_rate", "finetune_head_learning_rate", "fine_tune_at", "lr_schedule",
-    "early_stopping_patience", "weight_decay", "augment", "dropout_rate",
-    "validation_fraction", "dtype", "conv_impl", "seed", "keep_checkpoints",
+    "early_stopping_patience", "weight_decay", "finetune_weight_decay", "augment",
+    "dropout_rate", "validation_fraction", "class_weight", "tta", "dtype", "conv_impl", "seed",
+    "keep_checkpoints",
     "checkpoint_every_seconds", "log_every",
 )  # fmt: skip
 
