@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from flaxcnn import checkpoints, data, export_check, jax_to_tf, models
+from flaxcnn import checkpoints, data, export_check, jax_to_tf, models, tf_runtime
 from flaxcnn.export_check import ArtifactError, Comparison
 
 PROG = "python -m flaxcnn.export"
@@ -174,7 +174,10 @@ def export_variables(
                   "name": export_check.INPUT_NAME, "dtype": "float32", "range": [0, 255],
                   "layout": "NHWC RGB"}, "output": export_check.OUTPUT_NAME,
               "preprocessing": metadata["preprocessing"], "model": metadata["model"],
-              "checkpoint": metadata.get("checkpoint"), "data": metadata.get("data")}  # fmt: skip
+              "checkpoint": metadata.get("checkpoint"), "data": metadata.get("data"),
+              # The run's test-time augmentation, for predict to apply around the artifact
+              # as it does around the checkpoint; the artifact computes one view's logits.
+              "tta": metadata.get("tta")}  # fmt: skip
     folder = export_check.validation_folder(metadata, validation_data)
     labelled, first, source = iter(()), None, "generated images (seeded noise, black, white)"
     if folder is not None:
@@ -251,7 +254,7 @@ def pixels_to_logits(model: Any, mode: str) -> Callable:
 def _tf_module(model, variables, mode: str, image_size, described: str, format: str):
     import jax
 
-    tf = data._tf()
+    tf = tf_runtime.tensorflow()
     host = jax.device_get(variables)
     fn = lambda pixels: pixels_to_logits(model, mode)(host, pixels)
     try:
@@ -265,7 +268,7 @@ def _tf_module(model, variables, mode: str, image_size, described: str, format: 
 
 def _write_tflite(module, path: pathlib.Path, record: dict, quantize: str | None,
                   described: str) -> None:  # fmt: skip
-    tf = data._tf()
+    tf = tf_runtime.tensorflow()
     from tensorflow.lite.tools import flatbuffer_utils
 
     converter = tf.lite.TFLiteConverter.from_concrete_functions(
@@ -291,7 +294,7 @@ def _write_tflite(module, path: pathlib.Path, record: dict, quantize: str | None
 
 
 def _write_saved_model(module, path: pathlib.Path, record: dict) -> None:
-    tf = data._tf()
+    tf = tf_runtime.tensorflow()
     with tempfile.TemporaryDirectory() as scratch:
         asset = pathlib.Path(scratch) / export_check.SAVED_MODEL_METADATA
         asset.write_text(json.dumps(record, indent=1))

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from flaxcnn import data
+from flaxcnn import data, tf_runtime
 
 METADATA_NAME = "flaxcnn_export"
 SAVED_MODEL_METADATA = f"{METADATA_NAME}.json"  # in the SavedModel's assets/
@@ -144,7 +144,7 @@ def _load_tflite(path: pathlib.Path, num_threads: int | None):
 
 
 def _load_saved_model(path: pathlib.Path):
-    tf = data._tf()
+    tf = tf_runtime.tensorflow()
     metadata = json.loads((path / "assets" / SAVED_MODEL_METADATA).read_text())
     serve = tf.saved_model.load(str(path)).signatures[SIGNATURE]
     return metadata, lambda pixels: serve(**{INPUT_NAME: tf.constant(pixels)})[OUTPUT_NAME].numpy()

@@ -1,8 +1,9 @@
-"""Classify image files with a trained (or converted) checkpoint.
+"""Classify image files with a trained (or converted) checkpoint, or a model exported from one.
 
     python -m flaxcnn.predict --checkpoint checkpoints/RUN cat.jpg dog.png
     python -m flaxcnn.predict --checkpoint RUN photos/ 'more/**/*.jpg' --top-k 3
     python -m flaxcnn.predict --checkpoint RUN --json photos/      # one JSON object per line
+    python -m flaxcnn.predict --model-file model.tflite photos/    # an exported model
 
 Inputs are image files, folders (their images, recursively) and quoted glob patterns, which
 predict expands itself (``**`` included). The preprocessing contract (input size, scaling,
@@ -26,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from flaxcnn import checkpoints, data, imagenet_labels, models, tta
+from flaxcnn import checkpoints, data, export_check, imagenet_labels, models, tta
 
 PROG = "python -m flaxcnn.predict"
 IMAGENET_CLASSES = 1000
@@ -137,13 +138,7 @@ def iter_predictions(
             if isinstance(item, str):
                 yield {"image": path, "error": item}
                 continue
-            p = next(probabilities)
-            order = np.argsort(-p, kind="stable")[:top_k]
-            yield {
-                "image": path, "label": names[order[0]], "probability": float(p[order[0]]),
-                "top_k": [[names[i], float(p[i])] for i in order],
-                "probabilities": dict(zip(names, map(float, p), strict=True)),
-            }  # fmt: skip
+            yield _result(path, next(probabilities), names, top_k)
         pending.clear()
 
     loaded = 0
@@ -157,6 +152,51 @@ def iter_predictions(
             yield from classify()
             loaded = 0
     yield from classify()
+
+
+def _result(path: str, p: np.ndarray, names: Sequence[str], top_k: int) -> dict[str, Any]:
+    order = np.argsort(-p, kind="stable")[:top_k]
+    return {
+        "image": path, "label": names[order[0]], "probability": float(p[order[0]]),
+        "top_k": [[names[i], float(p[i])] for i in order],
+        "probabilities": dict(zip(names, map(float, p), strict=True)),
+    }  # fmt: skip
+
+
+def iter_artifact_predictions(
+    artifact: export_check.Artifact, paths: Sequence[str | os.PathLike], top_k: int = 1,
+    batch_size: int = 32, tta_override: str | None = None,
+) -> Iterator[dict[str, Any]]:  # fmt: skip
+    """:func:`iter_predictions` for a model exported by ``python -m flaxcnn.export``, run in
+    its own runtime: the same rows, the run's test-time augmentation applied around it.
+
+    Args:
+      artifact: from ``flaxcnn.export_check.load(path)`` (a ``.tflite`` file, a SavedModel
+        folder or a StableHLO file); it takes pixels in [0, 255] and scales them itself.
+      paths, top_k, batch_size, tta_override: as for :func:`predict_files`.
+    """
+    import jax
+
+    if top_k < 1 or batch_size < 1:
+        raise ValueError(f"top_k={top_k}, batch_size={batch_size}: both must be positive")
+    names, size = list(artifact.metadata["class_names"]), artifact.metadata["image_size"]
+    top_k, views = min(top_k, len(names)), tta_mode(artifact.metadata, tta_override)
+    for start in range(0, len(paths), batch_size):
+        loaded: list[tuple[str, np.ndarray | str]] = []  # (path, pixels) or (path, error)
+        for path in paths[start : start + batch_size]:
+            try:
+                loaded.append((str(path), export_check.load_pixels([path], size)[0]))
+            except data.DataError as e:
+                loaded.append((str(path), str(e)))
+        images = [item for _, item in loaded if not isinstance(item, str)]
+        if images:
+            logits = np.asarray(tta.logits(artifact, np.stack(images), views), np.float32)
+            probabilities = iter(np.asarray(jax.nn.softmax(logits)))
+        for path, item in loaded:
+            if isinstance(item, str):
+                yield {"image": path, "error": item}
+            else:
+                yield _result(path, next(probabilities), names, top_k)
 
 
 def predict_files(
@@ -202,8 +242,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from flaxcnn.cli import OneLineParser
 
     parser = OneLineParser(prog=PROG, description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", required=True,
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint",
                         help="run folder, its best/ or checkpoints/ folder, or one step folder")
+    source.add_argument("--model-file", help="a model exported by python -m flaxcnn.export "
+                        "(.tflite file, SavedModel folder or StableHLO file), run in its own "
+                        "runtime")  # fmt: skip
     parser.add_argument("images", nargs="+", metavar="IMAGE",
                         help="image files, folders (searched recursively) or quoted glob "
                         "patterns such as 'photos/**/*.jpg'")  # fmt: skip
@@ -221,17 +265,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     fail = lambda message: print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
     try:
-        class_names(checkpoints.read_metadata(args.checkpoint))  # refuse before restoring
-        model, variables, metadata = checkpoints.restore(args.checkpoint)
-    except (checkpoints.CheckpointError, OSError) as e:
+        if args.model_file:
+            artifact = export_check.load(args.model_file)
+        else:
+            class_names(checkpoints.read_metadata(args.checkpoint))  # refuse before restoring
+            model, variables, metadata = checkpoints.restore(args.checkpoint)
+    except (checkpoints.CheckpointError, export_check.ArtifactError, OSError) as e:
         fail(str(e))
         return 2
     paths, problems = expand_inputs(args.images)
     for problem in problems:
         fail(problem)
     failed, classified = len(problems), 0
-    for result in iter_predictions(model, variables, metadata, paths, args.top_k,
-                                   args.batch_size, args.tta):  # fmt: skip
+    results = (iter_artifact_predictions(artifact, paths, args.top_k, args.batch_size, args.tta)
+               if args.model_file else iter_predictions(model, variables, metadata, paths,
+                                                        args.top_k, args.batch_size, args.tta))
+    for result in results:
         if "error" in result:
             fail(result["error"])
             failed += 1

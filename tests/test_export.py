@@ -24,7 +24,7 @@ import pytest
 from flax import linen as nn
 from tolerances import assert_close
 
-from flaxcnn import checkpoints, data, export, export_check, jax_to_tf, models
+from flaxcnn import checkpoints, data, export, export_check, jax_to_tf, models, predict, tf_runtime
 
 PROG = "python -m flaxcnn.export"
 ARTIFACT = {"tflite": "model.tflite", "saved_model": "saved_model", "stablehlo": "model.stablehlo"}
@@ -36,14 +36,16 @@ RTOL = 1e-4
 
 @pytest.fixture(scope="module")
 def run(tiny_cats_vs_dogs, shared_weights, tmp_path_factory) -> pathlib.Path:
-    """A real tiny training run through the CLI: ImageNet backbone, a trained 2-class head."""
+    """A real tiny training run through the CLI: ImageNet backbone, a trained 2-class head,
+    flip test-time augmentation (which predict applies around an exported model too)."""
     workdir = tmp_path_factory.mktemp("export") / "run"
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "JAX_PLATFORMS": "cpu",
            "FLAXCNN_CACHE": str(workdir.parent / "cache")}  # fmt: skip
     command = [sys.executable, "-m", "flaxcnn.experiments.transfer", "--data",
                str(tiny_cats_vs_dogs), "--weights", str(shared_weights), "--no-download",
                "--image-size", "32", "--batch-size", "8", "--conv-impl", "lax",
-               "--head-epochs", "5", "--finetune-epochs", "0", "--checkpoint-every-seconds", "0",
+               "--head-epochs", "5", "--head-learning-rate", "1e-2", "--weight-decay", "0.1",
+               "--finetune-epochs", "0", "--tta", "flip", "--checkpoint-every-seconds", "0",
                "--workdir", str(workdir)]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -116,7 +118,7 @@ def test_tflite_runs_in_litert_with_a_dynamic_batch_and_matches_the_checkpoint(
 
 
 def test_saved_model_serving_default_matches_the_checkpoint(run, exported, photos):
-    tf = data._tf()
+    tf = tf_runtime.tensorflow()
     pixels, want, _ = _reference(run, photos)
     loaded = tf.saved_model.load(str(exported["saved_model"]))
     serve = loaded.signatures["serving_default"]
@@ -201,6 +203,42 @@ def test_quantized_tflite_prints_its_validation_accuracy_change(
     assert ratio < (0.35 if quantize == "dynamic" else 0.6), ratio
     assert export_check.tflite_metadata(output.read_bytes())["quantize"] == quantize
     assert _files(tmp_path) == ["model.tflite"]
+
+
+@pytest.mark.parametrize("format", ["tflite", "saved_model"])
+def test_predict_model_file_gives_the_checkpoints_output(run, exported, photos, format,
+                                                         tmp_path, capsys):  # fmt: skip
+    broken = tmp_path / "broken.jpg"
+    broken.write_text("not an image")
+    inputs = [*photos, broken]
+    outputs = {}
+    for source in ("--checkpoint", "--model-file"):
+        path = run if source == "--checkpoint" else exported[format]
+        rc = predict.main([source, str(path), "--json", "--top-k", "2", *map(str, inputs)])
+        out, err = capsys.readouterr()
+        outputs[source] = rc, [json.loads(line) for line in out.splitlines()], err
+    (rc, rows, err), (want_rc, want_rows, want_err) = outputs["--model-file"], outputs[
+        "--checkpoint"]  # fmt: skip
+    assert rc == want_rc == 2 and err == want_err and str(broken) in err  # the broken file
+    assert [r["image"] for r in rows] == [r["image"] for r in want_rows] == photos
+    assert [r["label"] for r in rows] == [r["label"] for r in want_rows]
+    # The run's test-time augmentation travels with the export; predict applies it around it.
+    assert export_check.load(exported[format]).metadata["tta"] == "flip"
+    # A softmax moves by at most half the largest logit change; the logits agree to RTOL of
+    # their magnitude (the flip views included: each is one call of the same artifact).
+    _, logits, _ = _reference(run, photos)
+    got = [[r["probabilities"][c] for c in ("cat", "dog")] for r in rows]
+    want = [[r["probabilities"][c] for c in ("cat", "dog")] for r in want_rows]
+    assert_close(got, want, RTOL / 2, scale=float(np.abs(logits).max()), what=format)
+
+
+def test_predict_model_file_that_is_no_export_is_one_line_exit_2(tmp_path, photos, capsys):
+    (tmp_path / "model.tflite").write_bytes(b"not a flatbuffer")
+    assert predict.main(["--model-file", str(tmp_path / "model.tflite"), *photos]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1
+    assert err.startswith(f"python -m flaxcnn.predict: error: {tmp_path / 'model.tflite'} is not "
+                          "a model exported by python -m flaxcnn.export")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- failures
@@ -364,4 +402,5 @@ def test_a_function_that_merges_the_batch_into_another_axis_is_refused():
     """The batch is found by its traced size; folded into another axis it could not stay
     dynamic, so the translation refuses instead of baking the traced size in."""
     with pytest.raises(jax_to_tf.UnsupportedPrimitiveError, match="merges the batch axis"):
-        jax_to_tf.to_tf_module(lambda x: x.reshape(-1)[None, :4], (4, 4, 3), tf=data._tf())
+        jax_to_tf.to_tf_module(lambda x: x.reshape(-1)[None, :4], (4, 4, 3),
+                               tf=tf_runtime.tensorflow())
