@@ -160,15 +160,18 @@ def test_a_run_searches_records_the_pick_and_a_resume_keeps_it(tiny_cats_vs_dogs
     head_search.json, the pick in config.json and the checkpoints, the head phase trained with
     it; resumed mid head phase, it takes the pick from its record (no second search) and ends
     bit-identical to the uninterrupted run. With ``tta='flip'`` (the search then validates on
-    both views): the checkpoints record it, and the error analysis of the best checkpoint
-    scores as its validation did."""
+    both views): the checkpoints record it, and the error analysis and the test results of the
+    best checkpoint (its test split is a copy of validation) score as its validation did."""
     import shutil
 
     from flaxcnn import checkpoints
     from flaxcnn.run import fit
 
+    folder = tmp_path / "data"
+    shutil.copytree(tiny_cats_vs_dogs, folder)
+    shutil.copytree(folder / "validation", folder / "test")
     config = TrainConfig(
-        data=str(tiny_cats_vs_dogs), download=False, model_options={"alpha": 0.35},
+        data=str(folder), download=False, model_options={"alpha": 0.35},
         weights=None, image_size=32, batch_size=8, head_epochs=2, finetune_epochs=1,
         fine_tune_at="block_16", conv_impl="lax", keep_checkpoints=5,
         checkpoint_every_seconds=0, head_learning_rate=None, weight_decay=None,
@@ -198,6 +201,7 @@ def test_a_run_searches_records_the_pick_and_a_resume_keeps_it(tiny_cats_vs_dogs
     # predictions.csv rounds each loss to 1e-6; the same images and weights with both views
     # [measured: 8.6e-8 apart; without the mirror in the analysis: 5.4e-6].
     assert abs(np.mean(losses) - val_loss) <= 1e-6
+    assert abs(full.summary["test_best"]["loss"] - val_loss) <= 1e-6
     assert full.summary["analysis"]["validation"]["accuracy"] == full.summary["best_val_accuracy"]
     head_epoch = full.summary["epochs"][0]
     cosine = 0.5 * (1 + np.cos(np.pi * 3 / 8))  # the rate at the epoch's last step (4 of 8)
