@@ -90,7 +90,8 @@ def test_a_run_on_an_imbalanced_folder_warns_and_weighs_its_loss(imbalanced, tmp
     finally:
         flaxcnn_log.handlers[:] = handlers
         flaxcnn_log.propagate = True
-    lines = [line for line in capsys.readouterr().err.splitlines() if "classes are imbalanced" in line]
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "classes are imbalanced" in line]
     assert len(lines) == 1, lines
     assert "warning: the training classes are imbalanced: cat has 16 images, dog 4 (4.0x " in (
         lines[0])  # fmt: skip
