@@ -151,7 +151,7 @@ def build_step(
     batch_size: int,
     image_size: int | None = None,
     *,
-    model: str = "mobilenet_v2",
+    model: str | None = None,
     options: dict[str, Any] | None = None,
     conv_impl: str = "auto",
     fine_tune_at: str | None = None,
@@ -171,11 +171,11 @@ def build_step(
 
     from flaxcnn import metrics, phases, sharding
     from flaxcnn.config import TrainConfig
-    from flaxcnn.models import build_model, random_variables
+    from flaxcnn.models import DEFAULT_MODEL, build_model, random_variables
 
     simple = row == "simple_cnn"
     config = TrainConfig(
-        model="simple_cnn" if simple else model,
+        model="simple_cnn" if simple else (model or DEFAULT_MODEL),
         model_options={} if simple else dict(options or {}),
         weights=None,
         image_size=SIMPLE_CNN_SIZE if simple else image_size,
@@ -247,7 +247,7 @@ def bench_model(
     batch_size: int,
     image_size: int | None,
     *,
-    model: str = "mobilenet_v2",
+    model: str | None = None,
     options: dict[str, Any] | None = None,
     conv_impl: str,
     fine_tune_at: str | None,
@@ -255,7 +255,10 @@ def bench_model(
     steps: int,
     dtype: str = "float32",
 ) -> Result:
-    """Compiles and times one model row."""
+    """Compiles and times one model row (``model``: default the registry's default)."""
+    from flaxcnn.models import DEFAULT_MODEL
+
+    model = model or DEFAULT_MODEL
     step = build_step(row, batch_size, image_size, model=model, options=options,
                       conv_impl=conv_impl, fine_tune_at=fine_tune_at, dtype=dtype)  # fmt: skip
     median, best = (t / step.steps_per_run for t in time_calls(step.run, warmup, steps))
@@ -355,9 +358,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", default="mobilenet_v2",
+    parser.add_argument("--model", default=models.DEFAULT_MODEL,
                         help="comma list of registered models (or Keras names): "
-                        + ", ".join(models.list_models()) + " (default: mobilenet_v2)")  # fmt: skip
+                        + ", ".join(models.list_models())
+                        + f" (default: {models.DEFAULT_MODEL})")  # fmt: skip
     add_model_flags(parser)
     parser.add_argument("--rows", help=f"comma list of {', '.join(ROWS)} (default: every "
                         "model row, and input when --data is given)")  # fmt: skip

@@ -92,9 +92,18 @@ def _one_line(text: object, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _scale(images, mode: str):
-    """Maps float32 pixel values in [0, 255] to a model's input (numpy or TF, in float32 as
-    Keras's own preprocessing computes it)."""
+def check_preprocessing(mode: str) -> None:
+    """Raises a one-line ``DataError`` unless ``mode`` is one of ``PREPROCESSING_MODES``."""
+    if mode not in PREPROCESSING_MODES:
+        known = ", ".join(PREPROCESSING_MODES)
+        raise DataError(f"unknown preprocessing {mode!r}: use one of {known}")
+
+
+def preprocess(images, mode: str):
+    """Maps float32 RGB pixel values in [0, 255] to a model's input, in float32 as Keras's own
+    preprocessing computes it; ``images`` may be a numpy, TensorFlow or JAX array (the input
+    pipeline, ``scale_images`` and exported models share this one definition)."""
+    check_preprocessing(mode)
     if mode == "tf":
         return images / 127.5 - 1.0
     if mode == "tf128":
@@ -103,9 +112,7 @@ def _scale(images, mode: str):
         return images[..., ::-1] - _CAFFE_MEAN_BGR
     if mode == "torch":
         return (images / 255.0 - _IMAGENET_MEAN) / _IMAGENET_STD
-    if mode == "unit":
-        return images / 255.0
-    raise DataError(f"unknown preprocessing {mode!r}: use one of {', '.join(PREPROCESSING_MODES)}")
+    return images / 255.0  # "unit"
 
 
 def scale_images(images: np.ndarray, mode: str) -> np.ndarray:
@@ -118,7 +125,7 @@ def scale_images(images: np.ndarray, mode: str) -> np.ndarray:
     Returns:
       float32 array of the same shape.
     """
-    return _scale(np.asarray(images, dtype=np.float32), mode).astype(np.float32)
+    return preprocess(np.asarray(images, dtype=np.float32), mode).astype(np.float32)
 
 
 def _image_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
@@ -216,7 +223,7 @@ def load_images(
     if isinstance(paths, str | os.PathLike):
         paths = [paths]
     hw = _image_hw(image_size)
-    _scale(0.0, preprocessing)  # an unknown mode fails before any file is read
+    check_preprocessing(preprocessing)  # an unknown mode fails before any file is read
     images = [_read_image(path, hw) for path in paths]
     return scale_images(np.stack(images) if images else np.zeros((0, *hw, 3)), preprocessing)
 
@@ -487,7 +494,7 @@ def _image_loader(dataset: ImageDataset, split: str, hw: tuple[int, int]):
 def _batches(dataset, split, positions, hw, preprocessing, augment_key, with_mask):
     """Batches of the examples at ``positions`` [num_batches, per_process_batch]; -1 pads."""
     tf = _tf()
-    _scale(0.0, preprocessing)  # fail now, not inside the pipeline
+    check_preprocessing(preprocessing)  # fail now, not inside the pipeline
     load, labels = _image_loader(dataset, split, hw), tf.constant(_split(dataset, split).labels)
 
     def element(position):
@@ -509,7 +516,7 @@ def _batches(dataset, split, positions, hw, preprocessing, augment_key, with_mas
         images = tf.cast(batch.pop("image"), tf.float32)
         if augment_key is not None:
             images = _rotate(images, batch.pop("angle"))
-        return {"image": _scale(images, preprocessing), **batch}
+        return {"image": preprocess(images, preprocessing), **batch}
 
     ds = tf.data.Dataset.from_tensor_slices(positions.reshape(-1).astype(np.int64))
     ds = ds.map(element, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

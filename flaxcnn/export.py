@@ -246,7 +246,7 @@ def pixels_to_logits(model: Any, mode: str) -> Callable:
     """
 
     def logits(variables, pixels):
-        return model.apply(variables, data._scale(pixels, mode), train=False)
+        return model.apply(variables, data.preprocess(pixels, mode), train=False)
 
     return logits
 

@@ -147,6 +147,21 @@ def test_tf_scaling_spans_minus_one_to_one(odd_folder):
         data.scale_images(pixels, "bgr")
 
 
+@pytest.mark.parametrize("mode", list(data.PREPROCESSING_MODES))
+def test_every_preprocessing_mode_runs_in_the_pipeline_as_scale_images_does(odd_folder, mode):
+    """The TF pipeline and ``scale_images`` (numpy) share one definition per mode ('caffe'
+    reverses the channel axis: it must work on a whole batch, not on a scalar)."""
+    dataset = data.open_dataset(str(odd_folder))
+    raw = _eval_all(dataset, "train", preprocessing="unit")["image"] * np.float32(255.0)
+    images = _eval_all(dataset, "train", preprocessing=mode)["image"]
+    # The same float32 operations on the same pixels; 'unit' then x255 round-trips within
+    # one rounding of 255, and each mode adds at most three roundings (~1e-5 of 255).
+    np.testing.assert_allclose(images, data.scale_images(np.round(raw), mode), rtol=0,
+                               atol=1e-5 * 255)  # fmt: skip
+    if mode == "caffe":  # BGR order: the blue channel first, minus its ImageNet mean
+        np.testing.assert_allclose(images[..., 0], np.round(raw[..., 2]) - 103.939, atol=1e-3)
+
+
 def test_eval_counts_every_example_once(odd_folder):
     dataset = data.open_dataset(str(odd_folder))
     assert data.num_batches(dataset, "validation", 4, drop_remainder=False) == 2
