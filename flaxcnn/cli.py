@@ -307,6 +307,7 @@ def main(argv: Sequence[str] | None, *, prog: str, description: str,
     """
     signals = interrupts.StopSignals()
     signals.install()  # first: a signal at any later moment is caught and reported
+    scoped = contextlib.ExitStack()
     argv = list(sys.argv[1:] if argv is None else argv)
     finished = None  # the workdir, once fit has returned
     try:
@@ -317,7 +318,7 @@ def main(argv: Sequence[str] | None, *, prog: str, description: str,
         args = build_parser(prog, description, defaults, flags, help_texts).parse_args(argv)
         if not args.no_malloc_tuning:
             tune_glibc_malloc()  # before anything starts JAX's threads
-        _log_to_stderr()
+        scoped.enter_context(_logging_to_stderr())
         user_errors = _user_errors()
         from flaxcnn import metrics
         from flaxcnn.run import Interrupted, fit
@@ -353,6 +354,7 @@ def main(argv: Sequence[str] | None, *, prog: str, description: str,
                   f"complete in {finished}", file=sys.stderr)  # fmt: skip
         return 130
     finally:
+        scoped.close()
         signals.uninstall()
 
 
@@ -367,14 +369,26 @@ def summary_line(summary: Mapping) -> str:
     return line
 
 
-def _log_to_stderr() -> None:
+@contextlib.contextmanager
+def _logging_to_stderr():
+    """The run's progress lines on stderr, for this call only: afterwards the caller's logging
+    configuration (a notebook's, a test's, another ``main``'s) is as it was."""
+    quiet = ("absl", "jax._src", "orbax", "tensorflow")
+    saved = log.handlers[:], log.level, log.propagate, [logging.getLogger(n).level for n in quiet]
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
     log.handlers[:] = [handler]
     log.setLevel(logging.INFO)
     log.propagate = False  # TensorFlow/absl install root handlers of their own
-    for noisy in ("absl", "jax._src", "orbax", "tensorflow"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    for name in quiet:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        log.handlers[:], log.propagate = saved[0], saved[2]
+        log.setLevel(saved[1])
+        for name, level in zip(quiet, saved[3], strict=True):
+            logging.getLogger(name).setLevel(level)
 
 
 def _config_and_workdir(args: argparse.Namespace, defaults: TrainConfig,

@@ -225,7 +225,8 @@ def export_variables(
 
 
 def describe_model(model_config: Mapping[str, Any]) -> str:
-    """``'MobileNetV2 (alpha=0.35) with a 2-class head'``: how messages name a model."""
+    """The backbone's own description (its name and options) and the head: how messages name
+    a model."""
     found = models.backbone_of(model_config)
     name = found[0].describe(found[1]) if found else str(model_config.get("arch"))
     if model_config.get("arch") == "transfer":

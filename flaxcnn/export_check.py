@@ -28,8 +28,8 @@ SAVED_MODEL_METADATA = f"{METADATA_NAME}.json"  # in the SavedModel's assets/
 SIGNATURE, INPUT_NAME, OUTPUT_NAME = "serving_default", "images", "logits"
 # A conversion is another float32 implementation of the same network: other kernels, other
 # summation orders, BatchNorm folded into the kernels. Measured against the checkpoint: at
-# most 9e-6 of the largest logit (MobileNetV2, ImageNet weights, photos; 4e-6 for the other
-# families on random weights). Keras and flaxcnn's MobileNetV2 agree to 1e-4 of the
+# most 9e-6 of the largest logit (the default model, ImageNet weights, photos; 4e-6 for the
+# other families on random weights). Keras and flaxcnn's default model agree to 1e-4 of the
 # output's magnitude with the ImageNet weights on photos (README), and
 # Keras differs from itself by 1.25e-5 between its oneDNN and Eigen kernels; a real fault (a
 # wrong constant or padding, preprocessing applied twice, a dropped layer) moves the logits

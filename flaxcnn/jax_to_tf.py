@@ -2,8 +2,8 @@
 
 ``jax2tf`` in the installed JAX only serialises StableHLO into one ``XlaCallModule`` op. TF
 Lite can lower that op, but with a symbolic batch each bias add and activation becomes a
-``BROADCAST_TO`` to a run-time shape that its optimiser cannot fold (MobileNetV2: 80 of them,
-and 63 ``ADD`` s, 35 ``MAXIMUM`` s and 35 ``MINIMUM`` s left beside the convolutions), where a
+``BROADCAST_TO`` to a run-time shape that its optimiser cannot fold (the default model: 80 of
+them, and 63 ``ADD`` s, 35 ``MAXIMUM`` s and 35 ``MINIMUM`` s left beside the convolutions), where a
 fixed batch lets the converter fuse BatchNorm, bias and ReLU6 into the convolutions for
 XNNPACK. A fixed batch is no answer either (the artifact takes any ``N``). So this module
 translates the jaxpr itself, primitive by primitive, into the TF ops Keras would have

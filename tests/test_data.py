@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import pathlib
 import subprocess
@@ -522,10 +523,15 @@ def test_single_class_folder_exits_2_from_the_cli(tmp_path, capsys):
 
     _one_class(tmp_path / "data")
     workdir = tmp_path / "run"
+    flaxcnn_log = logging.getLogger("flaxcnn")
+    before = flaxcnn_log.handlers[:], flaxcnn_log.level, flaxcnn_log.propagate
     rc = transfer.main(["--data", str(tmp_path / "data"), "--weights", "none", "--alpha", "0.35",
                         "--image-size", "32", "--batch-size", "2", "--conv-impl", "lax",
                         "--no-compilation-cache", "--workdir", str(workdir)])  # fmt: skip
     lines = capsys.readouterr().err.strip().splitlines()
+    # main's stderr logging is its own: the caller's configuration is as it was (a handler
+    # left behind would write a later caller's INFO lines to this test's closed stderr).
+    assert (flaxcnn_log.handlers[:], flaxcnn_log.level, flaxcnn_log.propagate) == before
     assert rc == 2 and len(lines) == 1, lines
     assert lines[0].startswith("python -m flaxcnn.experiments.transfer: error: --data: ")
     assert "one class folder (cat)" in lines[0]

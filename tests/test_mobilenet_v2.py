@@ -226,12 +226,13 @@ def test_truncated_file_gives_clear_error(tmp_path, shared_weights):
         pretrained.mobilenet_v2(1.0, 96, include_top=False, weights=truncated)
 
 
-def test_other_alpha_names_first_mismatching_layer(shared_weights):
+def test_other_alpha_names_the_files_alpha_and_the_fix(shared_weights):
     with pytest.raises(WeightsError) as error:
         pretrained.mobilenet_v2(0.5, 96, include_top=False, weights=shared_weights)
     message = str(error.value)
     assert "\n" not in message
-    assert "'params/Conv1/kernel' has shape (3, 3, 3, 32) in the file but (3, 3, 3, 16)" in message
+    assert "holds MobileNetV2 (alpha=1.0)" in message and "not MobileNetV2 (alpha=0.5)" in message
+    assert "--alpha 1.0" in message
 
 
 def test_top_requested_from_no_top_file_is_missing_predictions(shared_weights):
