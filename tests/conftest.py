@@ -28,6 +28,20 @@ def _require(path: pathlib.Path) -> pathlib.Path:
     return path
 
 
+# The modules that take longest (measured; minutes of CPU each) go first, so that the two
+# pytest-xdist workers of the README's command (``-n 2 --dist loadfile``: a module and its
+# fixtures stay on one worker; ``--no-loadscope-reorder``: in this order, not by test count)
+# finish together instead of one waiting on the last of them.
+SLOWEST_FIRST = ("test_reliability.py", "test_families_e2e.py", "test_efficientnet_v2.py",
+                 "test_export.py", "test_resnet.py", "test_convnext.py", "test_compare_keras.py",
+                 "test_mobilenet_v3.py", "test_mobilenet_v2.py", "test_distributed.py")  # fmt: skip
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept
+
+
 @pytest.fixture(scope="session")
 def shared_weights() -> pathlib.Path:
     """The real MobileNetV2 1.0/224 no-top ImageNet weights in the legacy Keras HDF5 layout."""

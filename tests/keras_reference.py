@@ -20,24 +20,36 @@ def randomize_weights(model, seed: int = 0):
     """Redraws every float weight of a tf_keras ``model`` in place; returns the model.
 
     Variances and scales (``moving_variance``, ``gamma``) are uniform in [0.5, 1.5]; means,
-    offsets and biases normal with std 0.1; kernels normal with std ``1/sqrt(fan_in)``
-    (variance-preserving, so the signal stays of order 1 through a hundred layers).
+    offsets and biases centred on 0 with std 0.1; kernels centred with std ``1/sqrt(fan_in)``
+    (variance-preserving, so the signal stays of order 1 through a hundred layers). All are
+    uniform draws in float32: ~350M normals for the largest models took seconds.
     Weights of other kinds (e.g. a ``Normalization`` layer's statistics) are left alone.
     """
     rng = np.random.default_rng(seed)
+    f32 = np.float32
+
+    def uniform(low, high, shape):
+        x = rng.random(shape, dtype=f32)
+        x *= high - low
+        x += low
+        return x
+
+    def centred(std, mean, shape):  # uniform with this std: 5x cheaper to draw than normal
+        return uniform(mean - std * np.sqrt(3.0), mean + std * np.sqrt(3.0), shape)
+
     values = []
     for w in model.weights:
         name, shape = w.name.rsplit("/", 1)[-1], tuple(w.shape)
         if name.startswith(("moving_variance", "gamma")):
-            value = rng.uniform(0.5, 1.5, shape)
+            value = uniform(0.5, 1.5, shape)
         elif name.startswith(("moving_mean", "beta", "bias")):
-            value = rng.normal(0.0, 0.1, shape)
+            value = centred(0.1, 0.0, shape)
         elif "kernel" in name:
             fan_in = np.prod(shape[:2]) if name.startswith("depthwise") else np.prod(shape[:-1])
-            value = rng.normal(0.0, 1.0 / np.sqrt(fan_in), shape)
+            value = centred(1.0 / np.sqrt(fan_in), 0.0, shape)
         else:
             value = w.numpy()
-        values.append(np.asarray(value, np.float32) if value.dtype.kind == "f" else value)
+        values.append(value)
     model.set_weights(values)
     return model
 
