@@ -93,23 +93,30 @@ def test_whole_runs_each_in_its_own_process(tiny_cats_vs_dogs, tmp_path):
     jsonl, workdir = tmp_path / "rows.jsonl", tmp_path / "flaxcnn-run"
     # Keras 3 only: the tf_keras side's start-up is covered above, and its fit is the same
     # code path; each whole run costs ~20 s of CPU.
+    # A second flaxcnn configuration in the same command (the last flag wins: 40 px).
     done = _compare("--smoke", "--full", "--no-steps", "--flavours", "keras3", "--data",
-                    str(tiny_cats_vs_dogs), "--workdir", str(workdir), "--jsonl", str(jsonl))
+                    str(tiny_cats_vs_dogs), "--workdir", str(workdir), "--jsonl", str(jsonl),
+                    "--also-flaxcnn", "--image-size 40 --finetune-epochs 0")  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     rows = _rows(jsonl)
+    ours = [r for r in rows if r["kind"] == "full" and r["side"] == "flaxcnn"]
+    assert [r["workdir"] for r in ours] == [str(workdir), f"{workdir}-1"]
+    assert [r["image_size"] for r in ours] == [32, 40]
+    assert (workdir / "metrics.json").exists()
     full = {r["side"]: r for r in rows if r["kind"] == "full"}
-    assert set(full) == {"flaxcnn", "keras3"}
-    assert (workdir / "metrics.json").exists() and full["flaxcnn"]["workdir"] == str(workdir)
-    for r in full.values():
+    assert set(full) == {"flaxcnn", "keras3"} and full["keras3"]["image_size"] == 32
+    for r in [*ours, full["keras3"]]:
         assert 0.0 <= r["final_val_accuracy"] <= r["best_val_accuracy"] <= 1.0
-        assert r["image_size"] == 32
     keras_wall = next(r["wall_s"] for r in rows if r["kind"] == "full_wall")
     assert keras_wall > full["keras3"]["head_s"] + full["keras3"]["finetune_s"]
     process = next(r for r in rows if r["kind"] == "process")
     assert process["side"] == "keras3" and not process["imported"]["jax"]
     lines = done.stdout.splitlines()
     assert any(line.startswith("| Keras 3 recipe | 32 |") for line in lines)
-    assert any(line.startswith("wall time flaxcnn / Keras 3: ") for line in lines)
+    ratios = [line for line in lines if line.startswith("wall time flaxcnn transfer (")]
+    assert len(ratios) == 2
+    assert all(line.split(" / ")[-1].startswith("Keras 3: ") for line in ratios)
+    assert "--image-size 40 --finetune-epochs 0)" in ratios[1]
 
 
 KERAS_FREEZE = """

@@ -38,8 +38,9 @@ minimum and the median per step. flaxcnn's step gets the batch from the host eve
 of DATA/train and DATA/validation, ``--keras-image-size``, ``--batch-size``, Adam 1e-4 for
 ``--keras-head-epochs``, then 1e-5 from the fine-tuning layer for ``--keras-finetune-epochs``)
 once per flavour, and ``python -m flaxcnn.experiments.transfer --data DATA --no-download
---workdir W --overwrite`` with its defaults plus ``--flaxcnn-args``; each process's wall time
-and validation accuracies side by side.
+--workdir W --overwrite`` with its defaults plus ``--flaxcnn-args`` (and once more per
+``--also-flaxcnn``, in workdirs W-1, W-2, ...); each process's wall time and validation
+accuracies side by side.
 
 ``--jsonl`` appends every raw row (each step's milliseconds, each process's facts) as it
 arrives. ``--smoke`` runs everything on tiny settings: it checks the machinery, not speed.
@@ -174,10 +175,9 @@ def compare_steps(args: argparse.Namespace, recorder: Recorder, tmp: pathlib.Pat
     return plan
 
 
-def compare_full(args: argparse.Namespace, recorder: Recorder, tmp: pathlib.Path,
-                 plan: dict[str, Any]) -> list[str]:  # fmt: skip
-    """The whole runs, one process each; returns the table's lines."""
-    workdir = args.workdir or tempfile.mkdtemp(prefix="flaxcnn-compare-")
+def flaxcnn_full(args: argparse.Namespace, recorder: Recorder, plan: dict[str, Any],
+                 extra: list[str], workdir: str) -> dict[str, Any]:  # fmt: skip
+    """One whole flaxcnn run (its defaults plus ``extra``) in its own process; its row."""
     command = [sys.executable, "-m", "flaxcnn.experiments.transfer", "--data", args.data,
                "--no-download", "--workdir", workdir, "--overwrite",
                "--weights", args.weights or "none"]  # fmt: skip
@@ -187,19 +187,29 @@ def compare_full(args: argparse.Namespace, recorder: Recorder, tmp: pathlib.Path
         flag = "--" + key.replace("_", "-")
         command += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [
             flag, str(value)]  # fmt: skip
-    command += args.flaxcnn_args
-    _, flax_wall = run_side("flaxcnn transfer", command, flaxcnn_environment(), recorder, None)
+    command += extra
+    _, wall = run_side("flaxcnn transfer", command, flaxcnn_environment(), recorder, None)
     metrics = json.loads((pathlib.Path(workdir) / "metrics.json").read_text())
     config = json.loads((pathlib.Path(workdir) / "config.json").read_text())
     epochs = metrics["epochs"]
     head = [e["val_accuracy"] for e in epochs if e["phase"] == "head"]
-    flax = {"kind": "full", "side": "flaxcnn", "wall_s": flax_wall, "workdir": workdir,
-            "image_size": config.get("image_size"), "command": command,
-            "val_accuracy_after_head": head[-1] if head else None,
-            "final_val_accuracy": epochs[-1]["val_accuracy"],
-            "best_val_accuracy": metrics["best_val_accuracy"]}  # fmt: skip
-    recorder.add([flax])
-    results = [flax]
+    row = {"kind": "full", "side": "flaxcnn", "wall_s": wall, "workdir": workdir,
+           "flags": extra, "image_size": config.get("image_size"), "command": command,
+           "val_accuracy_after_head": head[-1] if head else None,
+           "final_val_accuracy": epochs[-1]["val_accuracy"],
+           "best_val_accuracy": metrics["best_val_accuracy"]}  # fmt: skip
+    recorder.add([row])
+    return row
+
+
+def compare_full(args: argparse.Namespace, recorder: Recorder, tmp: pathlib.Path,
+                 plan: dict[str, Any]) -> list[str]:  # fmt: skip
+    """The whole runs, one process each (flaxcnn's configurations first, then each Keras
+    flavour); returns the table's lines."""
+    workdir = args.workdir or tempfile.mkdtemp(prefix="flaxcnn-compare-")
+    configurations = [args.flaxcnn_args, *args.also_flaxcnn]
+    results = [flaxcnn_full(args, recorder, plan, extra, workdir if i == 0 else f"{workdir}-{i}")
+               for i, extra in enumerate(configurations)]  # fmt: skip
     for flavour in args.flavours:
         mode = ["full", "--data", args.data, "--head-epochs", str(args.keras_head_epochs),
                 "--finetune-epochs", str(args.keras_finetune_epochs)]  # fmt: skip
@@ -257,6 +267,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--keras-finetune-optimizer", choices=("adam", "rmsprop"), default="adam",
                    help="Adam 1e-5 (default) or the older tutorial's RMSprop")
     p.add_argument("--workdir", help="flaxcnn's workdir for --full (default: a new temp dir)")
+    p.add_argument("--also-flaxcnn", action="append", default=[], metavar="FLAGS",
+                   help="with --full, another whole flaxcnn run with these extra flags (one "
+                   "quoted string, e.g. '--image-size 160'); repeatable")
     p.add_argument("--smoke", action="store_true", help="tiny settings: the machinery only")
     p.add_argument("--flaxcnn-args", nargs=argparse.REMAINDER, default=[],
                    help="extra flags for flaxcnn.experiments.transfer (last on the line)")
@@ -269,6 +282,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             args.option = [("alpha", 0.35)]
         args.weights = args.weights or "none"
         args.flaxcnn_args = SMOKE_TRANSFER_FLAGS + args.flaxcnn_args
+    args.also_flaxcnn = [(SMOKE_TRANSFER_FLAGS if args.smoke else []) + shlex.split(flags)
+                         for flags in args.also_flaxcnn]  # fmt: skip
     args.options = dict(args.option)
     args.cases = [c for c in args.cases.split(",") if c]
     args.flavours = [f for f in args.flavours.split(",") if f]

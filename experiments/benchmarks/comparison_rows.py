@@ -148,20 +148,22 @@ def process_table(recorder: Recorder) -> list[str]:
 
 
 def full_table(args: argparse.Namespace, results: list[dict[str, Any]]) -> list[str]:
-    """The whole runs side by side (flaxcnn's first) and flaxcnn's wall time over each."""
+    """The whole runs side by side (flaxcnn's first) and each flaxcnn run's wall time over
+    each Keras run's."""
     percent = lambda x: "-" if x is None else f"{100 * x:.1f}%"
     lines = ["", f"## whole runs on {args.data}", "",
              "| whole run | image size | wall s (whole process) | val accuracy after head "
              "| final | best epoch |", "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
-    flags = " ".join(["defaults", *args.flaxcnn_args])
+    name = lambda r: (f"flaxcnn transfer ({' '.join(['defaults', *r['flags']])})"
+                      if r["side"] == "flaxcnn" else f"{FLAVOURS[r['side']]} recipe")  # fmt: skip
     for r in results:
-        name = f"flaxcnn transfer ({flags})" if r["side"] == "flaxcnn" else (
-            f"{FLAVOURS[r['side']]} recipe")  # fmt: skip
-        lines.append(f"| {name} | {r['image_size']} | {r['wall_s']:.0f} | "
+        lines.append(f"| {name(r)} | {r['image_size']} | {r['wall_s']:.0f} | "
                      f"{percent(r['val_accuracy_after_head'])} | "
                      f"{percent(r['final_val_accuracy'])} | {percent(r['best_val_accuracy'])} |")
-    for r in results[1:]:
-        lines.append(f"wall time flaxcnn / {FLAVOURS[r['side']]}: "
-                     f"{results[0]['wall_s'] / r['wall_s']:.2f}x")  # fmt: skip
-    lines.append(f"flaxcnn's workdir: {results[0]['workdir']}")
+    ours = [r for r in results if r["side"] == "flaxcnn"]
+    for r in results[len(ours):]:
+        for flax in ours:
+            lines.append(f"wall time {name(flax)} / {FLAVOURS[r['side']]}: "
+                         f"{flax['wall_s'] / r['wall_s']:.2f}x")  # fmt: skip
+    lines.append("flaxcnn's workdirs: " + ", ".join(r["workdir"] for r in ours))
     return lines

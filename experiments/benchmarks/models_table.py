@@ -1,0 +1,98 @@
+"""The README's table of registered models: parameters, FLOPs, Keras's top-1, CPU img/s.
+
+    PYTHONPATH=. python experiments/benchmarks/models_table.py                 # static columns
+    PYTHONPATH=. python experiments/benchmarks/models_table.py --speed --jsonl rows.jsonl
+
+Parameters are those of the model with its 1000-class top, counted as Keras's
+``count_params`` does (BatchNorm statistics included). FLOPs are XLA's count for one image at
+the model's default size (two per multiply-add), read from the lowered inference program
+(nothing is compiled). Top-1 is what Keras publishes (``Backbone.imagenet_top1``). With
+``--speed`` each model's ``inference`` and ``finetune`` rows of ``python -m flaxcnn.bench`` run
+in a subprocess of their own at batch 32 and the default size; run it on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+
+def static_row(name: str) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from flaxcnn import models
+
+    backbone = models.get_backbone(name)
+    module = backbone.build(include_top=True)
+    size = backbone.default_input_size
+    image = jnp.zeros((1, size, size, 3))
+    variables = jax.eval_shape(module.init, jax.random.PRNGKey(0), image)
+    params = sum(leaf.size for leaf in jax.tree.leaves(variables))
+    lowered = jax.jit(module.apply).lower(variables, image)
+    flops = lowered.cost_analysis()["flops"]
+    return {"model": name, "keras": backbone.keras_name, "size": size, "params": params,
+            "gflops": flops / 1e9, "top1": backbone.imagenet_top1}  # fmt: skip
+
+
+def speed(name: str, rows: str, batch: int, steps: int) -> dict:
+    """img/s of bench rows, in a process of its own (its own XLA threads and memory)."""
+    command = [sys.executable, "-m", "flaxcnn.bench", "--model", name, "--rows", rows,
+               "--batch-sizes", str(batch), "--steps", str(steps), "--warmup", "2"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    out = {}
+    for line in done.stdout.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) >= 7 and cells[0] == name and cells[1] in rows.split(","):
+            out[cells[1]] = {"img_s": float(cells[4]), "ms_median": float(cells[5]),
+                             "ms_min": float(cells[6])}  # fmt: skip
+        if line.startswith("load average"):
+            out["load"] = line
+    return out
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| model | Keras name | size | parameters | GFLOPs | ImageNet top-1 (Keras) "
+             "| inference img/s | fine-tune img/s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for r in rows:
+        top1 = f"{r['top1'] * 100:.1f}%" if r.get("top1") else "-"
+        rate = lambda key, r=r: f"{r[key]['img_s']:.1f}" if key in r else "-"
+        lines.append(
+            f"| `{r['model']}` | {r['keras']} | {r['size']} | {r['params'] / 1e6:.1f}M "
+            f"| {r['gflops']:.2f} | {top1} | {rate('inference')} | {rate('finetune')} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", help="comma list (default: every registered model)")
+    parser.add_argument("--speed", action="store_true", help="also run the bench rows")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--jsonl", help="append each model's row here as it finishes")
+    args = parser.parse_args()
+    from flaxcnn import models
+
+    names = args.models.split(",") if args.models else models.list_models()
+    print(f"load average at start: {os.getloadavg()}", flush=True)
+    rows = []
+    for name in names:
+        row = static_row(name)
+        if args.speed:
+            row.update(speed(name, "inference,finetune", args.batch_size, args.steps))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.jsonl:
+            with open(args.jsonl, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    print(f"load average at end: {os.getloadavg()}")
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
