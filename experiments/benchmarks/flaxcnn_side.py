@@ -165,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (models.UnknownModelError, ValueError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
-    _append(args.out, {**the_plan, "round": args.round})
+    process_report.append_row(args.out, {**the_plan, "round": args.round})
     if args.plan_only:
         return 0
     from flaxcnn import bench
@@ -190,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ms = result["ms"]
         row = {**common, "kind": "step", **result, "ms_median": statistics.median(ms),
                "ms_min": min(ms)}  # fmt: skip
-        _append(args.out, row)
+        process_report.append_row(args.out, row)
         print(f"{PROG}: {row['row']} median {row['ms_median']:.2f} ms, min "
               f"{row['ms_min']:.2f} ms", file=sys.stderr, flush=True)  # fmt: skip
     facts = process_report.describe_process("flaxcnn", ("jax", "flaxcnn", "tensorflow"))
@@ -198,13 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                  settings=start["settings"],  # as started (TensorFlow adds its own)
                  load_average_start=start["load_average"],
                  malloc_tuned=tuned, conv_impl=args.conv_impl)  # fmt: skip
-    _append(args.out, facts)
+    process_report.append_row(args.out, facts)
     return 0
-
-
-def _append(path: str, row: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":

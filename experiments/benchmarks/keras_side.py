@@ -314,10 +314,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{prog} {args.flavour}: {case} median {row['ms_median']:.1f} ms, "
                       f"min {row['ms_min']:.1f} ms", file=sys.stderr, flush=True)  # fmt: skip
                 rows.append(row)
-                _append(args.out, row)
+                process_report.append_row(args.out, row)
         else:
             rows.append({**common, **full_run(keras, tf, args)})
-            _append(args.out, rows[-1])
+            process_report.append_row(args.out, rows[-1])
     except SideError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
@@ -330,13 +330,8 @@ def main(argv: list[str] | None = None) -> int:
                  tf_intra_op_threads=tf.config.threading.get_intra_op_parallelism_threads(),
                  tf_inter_op_threads=tf.config.threading.get_inter_op_parallelism_threads(),
                  jit_compile=args.jit_compile)  # fmt: skip
-    _append(args.out, facts)
+    process_report.append_row(args.out, facts)
     return 0
-
-
-def _append(path: str, row: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":

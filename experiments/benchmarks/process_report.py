@@ -9,6 +9,7 @@ reached it through the environment, and whether jax's native library is loaded i
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import platform
 import sys
@@ -27,8 +28,16 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
+def append_row(path: str, row: dict[str, Any]) -> None:
+    """One JSON line: how each side hands its rows to the coordinator."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 def cpu_model() -> str:
-    """The CPU's marketing name from /proc/cpuinfo (or the platform's guess)."""
+    """The CPU's marketing name from /proc/cpuinfo (or the platform's guess). The same as
+    ``flaxcnn.bench.cpu_model``: this module also runs in the Keras process, which must never
+    import flaxcnn (or JAX), so it cannot share that one."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

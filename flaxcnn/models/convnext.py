@@ -33,7 +33,13 @@ import numpy as np
 from flax import linen as nn
 
 from flaxcnn.models.backbone import Backbone, KerasLayer
-from flaxcnn.models.layers import Conv2D, DepthwiseConv2D, global_pool, pointwise_conv
+from flaxcnn.models.layers import (
+    Conv2D,
+    DepthwiseConv2D,
+    check_stage_call,
+    global_pool,
+    pointwise_conv,
+)
 from flaxcnn.weights.registry import PretrainedSpec
 
 MIN_INPUT_SIZE = 32  # Keras's ``min_size``: the 1/32 stage keeps at least one pixel
@@ -270,13 +276,7 @@ class ConvNeXt(nn.Module):
         name, specs = model_name(self.variant), block_specs(self.variant)
         total = len(specs) + 2
         stop = total if stop is None else stop
-        if not 0 <= start <= stop <= total:
-            raise ValueError(f"stages [{start}, {stop}) are not within [0, {total}]")
-        if start == 0 and (x.ndim != 4 or x.shape[-1] != 3):
-            raise ValueError(f"ConvNeXt expects NHWC images with 3 channels, got {x.shape}")
-        if start == 0 and min(x.shape[1:3]) < MIN_INPUT_SIZE:
-            raise ValueError(f"ConvNeXt needs inputs of at least {MIN_INPUT_SIZE}x"
-                             f"{MIN_INPUT_SIZE}, got {x.shape[1]}x{x.shape[2]}")  # fmt: skip
+        check_stage_call("ConvNeXt", x, start, stop, total, MIN_INPUT_SIZE)
         patchify = functools.partial(Patchify, conv_impl=self.conv_impl, dtype=self.dtype)
         runs = lambda stage: start <= stage < stop
 

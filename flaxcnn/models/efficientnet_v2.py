@@ -35,6 +35,7 @@ from flaxcnn.models.layers import (
     Conv2D,
     DepthwiseConv2D,
     PointwiseConv,
+    check_stage_call,
     conv_batch_norm,
     global_pool,
 )
@@ -339,14 +340,8 @@ class EfficientNetV2(nn.Module):
         specs = block_specs(self.variant)
         num_stages = len(specs) + 2
         stop = num_stages if stop is None else stop
-        if not 0 <= start <= stop <= num_stages:
-            raise ValueError(f"stages [{start}, {stop}) are not within [0, {num_stages}]")
         name = VARIANTS[self.variant].keras_name
-        if start == 0 and (x.ndim != 4 or x.shape[-1] != 3):
-            raise ValueError(f"{name} expects NHWC images with 3 channels, got {x.shape}")
-        if start == 0 and min(x.shape[1:3]) < MIN_INPUT_SIZE:
-            raise ValueError(f"{name} needs inputs of at least {MIN_INPUT_SIZE}x"
-                             f"{MIN_INPUT_SIZE}, got {x.shape[1]}x{x.shape[2]}")  # fmt: skip
+        check_stage_call(name, x, start, stop, num_stages, MIN_INPUT_SIZE)
         runs = lambda stage: start <= stage < stop
 
         if runs(0):

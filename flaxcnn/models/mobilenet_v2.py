@@ -27,6 +27,7 @@ from flaxcnn.models.layers import (
     Conv2D,
     DepthwiseConv2D,
     PointwiseConv,
+    check_stage_call,
     conv_batch_norm,
     correct_pad,
     global_pool,
@@ -170,15 +171,7 @@ class MobileNetV2(nn.Module):
           Logits ``[N, num_classes]`` with the top, else the feature map ``[N, h, w, C]`` or,
           with pooling, features ``[N, C]``; with ``stop < NUM_STAGES`` the activation.
         """
-        if not 0 <= start <= stop <= NUM_STAGES:
-            raise ValueError(f"stages [{start}, {stop}) are not within [0, {NUM_STAGES}]")
-        if start == 0 and (x.ndim != 4 or x.shape[-1] != 3):
-            raise ValueError(f"MobileNetV2 expects NHWC images with 3 channels, got {x.shape}")
-        if start == 0 and min(x.shape[1:3]) < MIN_INPUT_SIZE:
-            raise ValueError(
-                f"MobileNetV2 needs inputs of at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE}, "
-                f"got {x.shape[1]}x{x.shape[2]}"
-            )
+        check_stage_call("MobileNetV2", x, start, stop, NUM_STAGES, MIN_INPUT_SIZE)
         relu6 = lambda y: jnp.minimum(nn.relu(y), 6.0)
         pointwise = functools.partial(PointwiseConv, conv_impl=self.conv_impl, dtype=self.dtype)
         runs = lambda stage: start <= stage < stop

@@ -30,6 +30,7 @@ from flaxcnn.models.layers import (
     Conv2D,
     DepthwiseConv2D,
     PointwiseConv,
+    check_stage_call,
     conv_batch_norm,
     correct_pad,
     global_pool,
@@ -287,13 +288,7 @@ class MobileNetV3(nn.Module):
         """
         name, total = KERAS_NAMES[self.variant], num_stages(self.variant)
         stop = total if stop is None else stop
-        if not 0 <= start <= stop <= total:
-            raise ValueError(f"stages [{start}, {stop}) are not within [0, {total}]")
-        if start == 0 and (x.ndim != 4 or x.shape[-1] != 3):
-            raise ValueError(f"{name} expects NHWC images with 3 channels, got {x.shape}")
-        if start == 0 and min(x.shape[1:3]) < MIN_INPUT_SIZE:
-            raise ValueError(f"{name} needs inputs of at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE}, "
-                             f"got {x.shape[1]}x{x.shape[2]}")  # fmt: skip
+        check_stage_call(name, x, start, stop, total, MIN_INPUT_SIZE)
         act = ACTIVATIONS["relu" if self.minimalistic else "hard_swish"]
         runs = lambda stage: start <= stage < stop
 

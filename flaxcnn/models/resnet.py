@@ -25,7 +25,13 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from flaxcnn.models.backbone import Backbone, KerasLayer
-from flaxcnn.models.layers import Conv2D, PointwiseConv, conv_batch_norm, global_pool
+from flaxcnn.models.layers import (
+    Conv2D,
+    PointwiseConv,
+    check_stage_call,
+    conv_batch_norm,
+    global_pool,
+)
 from flaxcnn.weights.registry import PretrainedSpec
 
 # Bottleneck width of the four stages (conv2..conv5; a block outputs 4x as many channels) and
@@ -235,15 +241,7 @@ class ResNet(nn.Module):
         """
         name, last = keras_name(self.depth, self.preact), num_stages(self.depth)
         stop = last if stop is None else stop
-        if not 0 <= start <= stop <= last:
-            raise ValueError(f"stages [{start}, {stop}) are not within [0, {last}]")
-        if start == 0 and (x.ndim != 4 or x.shape[-1] != 3):
-            raise ValueError(f"{name} expects NHWC images with 3 channels, got {x.shape}")
-        if start == 0 and min(x.shape[1:3]) < MIN_INPUT_SIZE:
-            raise ValueError(
-                f"{name} needs inputs of at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE}, "
-                f"got {x.shape[1]}x{x.shape[2]}"
-            )
+        check_stage_call(name, x, start, stop, last, MIN_INPUT_SIZE)
         runs = lambda stage: start <= stage < stop
 
         if runs(0):
