@@ -46,6 +46,7 @@ def max_diff(a, b) -> float:
 
 def assert_within(diff: float, rtol: float, scale: float, what: str) -> None:
     """``diff <= rtol * scale``, for a difference measured elsewhere (e.g. in a subprocess)."""
+    diff, rtol, scale = float(diff), float(rtol), float(scale)  # NumPy scalars too
     bound = rtol * scale
     log = os.environ.get("FLAXCNN_TOLERANCE_LOG")
     if log:

@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python experiments/benchmarks/models_table.py                 # static columns
     PYTHONPATH=. python experiments/benchmarks/models_table.py --speed --jsonl rows.jsonl
+    PYTHONPATH=. python experiments/benchmarks/models_table.py --speed-from compare_rows.jsonl
 
 Parameters are those of the model with its 1000-class top, counted as Keras's
 ``count_params`` does (BatchNorm statistics included). FLOPs are XLA's count for one image at
@@ -9,6 +10,9 @@ the model's default size (two per multiply-add), read from the lowered inference
 (nothing is compiled). Top-1 is what Keras publishes (``Backbone.imagenet_top1``). With
 ``--speed`` each model's ``inference`` and ``finetune`` rows of ``python -m flaxcnn.bench`` run
 in a subprocess of their own at batch 32 and the default size; run it on a quiet machine.
+``--speed-from`` instead takes the img/s of flaxcnn's ``inference`` and ``finetune`` steps
+from ``compare_keras.py --jsonl`` rows (the median over all its timed steps of both rounds),
+so that the table shows what the side-by-side comparison with Keras measured.
 """
 
 from __future__ import annotations
@@ -54,6 +58,26 @@ def speed(name: str, rows: str, batch: int, steps: int) -> dict:
     return out
 
 
+def speed_from(path: str) -> dict[str, dict]:
+    """``model -> {row: {'img_s', ...}}`` from flaxcnn's step rows of compare_keras.py."""
+    import statistics
+
+    steps: dict[tuple[str, str], list] = {}
+    batch = {}
+    with open(path) as f:
+        for line in f:
+            r = json.loads(line)
+            if r.get("kind") == "step" and r.get("side") == "flaxcnn":
+                steps.setdefault((r["model"], r["row"]), []).extend(r["ms"])
+                batch[r["model"]] = r["batch_size"]
+    out: dict[str, dict] = {}
+    for (model, row), ms in steps.items():
+        median = statistics.median(ms)
+        out.setdefault(model, {})[row] = {"img_s": batch[model] * 1e3 / median,
+                                          "ms_median": median, "ms_min": min(ms)}  # fmt: skip
+    return out
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| model | Keras name | size | parameters | GFLOPs | ImageNet top-1 (Keras) "
              "| inference img/s | fine-tune img/s |",
@@ -72,6 +96,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", help="comma list (default: every registered model)")
     parser.add_argument("--speed", action="store_true", help="also run the bench rows")
+    parser.add_argument("--speed-from", help="img/s from compare_keras.py --jsonl rows instead")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--jsonl", help="append each model's row here as it finishes")
@@ -80,9 +105,10 @@ def main() -> None:
 
     names = args.models.split(",") if args.models else models.list_models()
     print(f"load average at start: {os.getloadavg()}", flush=True)
+    measured = speed_from(args.speed_from) if args.speed_from else {}
     rows = []
     for name in names:
-        row = static_row(name)
+        row = {**static_row(name), **measured.get(name, {})}
         if args.speed:
             row.update(speed(name, "inference,finetune", args.batch_size, args.steps))
         rows.append(row)
