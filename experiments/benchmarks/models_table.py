@@ -1,18 +1,16 @@
 """The README's table of registered models: parameters, FLOPs, Keras's top-1, CPU img/s.
 
     PYTHONPATH=. python experiments/benchmarks/models_table.py                 # static columns
-    PYTHONPATH=. python experiments/benchmarks/models_table.py --speed --jsonl rows.jsonl
     PYTHONPATH=. python experiments/benchmarks/models_table.py --speed-from compare_rows.jsonl
 
 Parameters are those of the model with its 1000-class top, counted as Keras's
 ``count_params`` does (BatchNorm statistics included). FLOPs are XLA's count for one image at
 the model's default size (two per multiply-add), read from the lowered inference program
-(nothing is compiled). Top-1 is what Keras publishes (``Backbone.imagenet_top1``). With
-``--speed`` each model's ``inference`` and ``finetune`` rows of ``python -m flaxcnn.bench`` run
-in a subprocess of their own at batch 32 and the default size; run it on a quiet machine.
-``--speed-from`` instead takes the img/s of flaxcnn's ``inference`` and ``finetune`` steps
-from ``compare_keras.py --jsonl`` rows (the median over all its timed steps of both rounds),
-so that the table shows what the side-by-side comparison with Keras measured.
+(nothing is compiled). Top-1 is what Keras publishes (``Backbone.imagenet_top1``).
+``--speed-from`` adds the img/s of flaxcnn's ``inference`` and ``finetune`` steps from
+``compare_keras.py --jsonl`` rows (the median over all its timed steps of both rounds), so that
+the table shows what the side-by-side comparison with Keras measured; models it did not time
+show "-".
 """
 
 from __future__ import annotations
@@ -20,8 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 
 
 def static_row(name: str) -> dict:
@@ -40,22 +36,6 @@ def static_row(name: str) -> dict:
     flops = lowered.cost_analysis()["flops"]
     return {"model": name, "keras": backbone.keras_name, "size": size, "params": params,
             "gflops": flops / 1e9, "top1": backbone.imagenet_top1}  # fmt: skip
-
-
-def speed(name: str, rows: str, batch: int, steps: int) -> dict:
-    """img/s of bench rows, in a process of its own (its own XLA threads and memory)."""
-    command = [sys.executable, "-m", "flaxcnn.bench", "--model", name, "--rows", rows,
-               "--batch-sizes", str(batch), "--steps", str(steps), "--warmup", "2"]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, check=True)
-    out = {}
-    for line in done.stdout.splitlines():
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) >= 7 and cells[0] == name and cells[1] in rows.split(","):
-            out[cells[1]] = {"img_s": float(cells[4]), "ms_median": float(cells[5]),
-                             "ms_min": float(cells[6])}  # fmt: skip
-        if line.startswith("load average"):
-            out["load"] = line
-    return out
 
 
 def speed_from(path: str) -> dict[str, dict]:
@@ -95,10 +75,7 @@ def markdown(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", help="comma list (default: every registered model)")
-    parser.add_argument("--speed", action="store_true", help="also run the bench rows")
-    parser.add_argument("--speed-from", help="img/s from compare_keras.py --jsonl rows instead")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--speed-from", help="img/s from these compare_keras.py --jsonl rows")
     parser.add_argument("--jsonl", help="append each model's row here as it finishes")
     args = parser.parse_args()
     from flaxcnn import models
@@ -109,8 +86,6 @@ def main() -> None:
     rows = []
     for name in names:
         row = {**static_row(name), **measured.get(name, {})}
-        if args.speed:
-            row.update(speed(name, "inference,finetune", args.batch_size, args.steps))
         rows.append(row)
         print(json.dumps(row), flush=True)
         if args.jsonl:
