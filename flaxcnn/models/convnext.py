@@ -32,11 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from flaxcnn.models.backbone import Backbone, KerasLayer
+from flaxcnn.models.backbone import Backbone, KerasLayer, check_stage_call
 from flaxcnn.models.layers import (
     Conv2D,
     DepthwiseConv2D,
-    check_stage_call,
     global_pool,
     pointwise_conv,
 )

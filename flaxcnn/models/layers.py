@@ -460,16 +460,3 @@ def correct_pad(height: int, width: int, kernel_size: int = 3) -> tuple[tuple[in
     """
     half = kernel_size // 2
     return ((half - (1 - height % 2), half), (half - (1 - width % 2), half))
-
-
-def check_stage_call(name: str, x: jax.Array, start: int, stop: int, num_stages: int,
-                     min_size: int) -> None:  # fmt: skip
-    """What every backbone's ``__call__(x, start=, stop=)`` checks before it runs: the stage
-    range, and for images (``start == 0``) NHWC with 3 channels and the minimum side."""
-    if not 0 <= start <= stop <= num_stages:
-        raise ValueError(f"stages [{start}, {stop}) are not within [0, {num_stages}]")
-    if start == 0 and (x.ndim != 4 or x.shape[-1] != 3):
-        raise ValueError(f"{name} expects NHWC images with 3 channels, got {x.shape}")
-    if start == 0 and min(x.shape[1:3]) < min_size:
-        raise ValueError(f"{name} needs inputs of at least {min_size}x{min_size}, "
-                         f"got {x.shape[1]}x{x.shape[2]}")  # fmt: skip

@@ -25,12 +25,11 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from flaxcnn.models.backbone import Backbone, KerasLayer
+from flaxcnn.models.backbone import Backbone, KerasLayer, check_stage_call
 from flaxcnn.models.layers import (
     Conv2D,
     DepthwiseConv2D,
     PointwiseConv,
-    check_stage_call,
     conv_batch_norm,
     correct_pad,
     global_pool,

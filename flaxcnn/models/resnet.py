@@ -24,11 +24,10 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from flaxcnn.models.backbone import Backbone, KerasLayer
+from flaxcnn.models.backbone import Backbone, KerasLayer, check_stage_call
 from flaxcnn.models.layers import (
     Conv2D,
     PointwiseConv,
-    check_stage_call,
     conv_batch_norm,
     global_pool,
 )
