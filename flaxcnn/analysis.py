@@ -299,13 +299,14 @@ def gather_predictions(
     """
     import jax
 
-    from flaxcnn import data, sharding
+    from flaxcnn import compiler, data, sharding
 
     def outputs(v, batch):
         return logits_fn(v, batch["image"]).astype("float32"), batch["label"], batch["mask"]
 
-    fn = jax.jit(outputs, in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
-                 out_shardings=sharding.replicated(mesh))  # fmt: skip
+    fn = compiler.jit(outputs,
+                      in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
+                      out_shardings=sharding.replicated(mesh))  # fmt: skip
     logits, labels = [], []
     for batch in data.eval_batches(dataset, split, batch_size=batch_size,
                                    image_size=image_size, preprocessing=preprocessing,

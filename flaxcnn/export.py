@@ -163,9 +163,7 @@ def export_variables(
         ``preprocessing``, ``class_names``.
       format, output, ...: as for :func:`export`.
     """
-    import jax
-
-    from flaxcnn import predict
+    from flaxcnn import compiler, predict
 
     output = _check_request(format, output, quantize, overwrite, check_images, platforms)
     described = describe_model(metadata["model"])
@@ -186,7 +184,7 @@ def export_variables(
         first = next(labelled, None)
     pixels = first[0] if first else export_check.generated_pixels(metadata, check_images)
     mode = metadata["preprocessing"]
-    apply = jax.jit(pixels_to_logits(build("auto"), mode))
+    apply = compiler.jit(pixels_to_logits(build("auto"), mode))
     reference = lambda x: np.asarray(apply(variables, x))
     temporary = output.with_name(f".{output.name}.partial-{uuid.uuid4().hex[:8]}")
     written = [temporary, export_check.sidecar(temporary)]

@@ -34,7 +34,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from flaxcnn import metrics, optim, phases, sharding, train, tta
+from flaxcnn import compiler, metrics, optim, phases, sharding, train, tta
 from flaxcnn.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ def train_heads(
         return state.params, jax.tree.map(lambda x: x[-1], train_sums), val_sums
 
     replicated = sharding.replicated(mesh)
-    program = jax.jit(jax.vmap(one_head, in_axes=(0, *[None] * 6)), out_shardings=replicated)
+    program = compiler.jit(jax.vmap(one_head, in_axes=(0, *[None] * 6)), out_shardings=replicated)
     inputs = sharding.replicate(
         (stacked, head_params, train_cache["features"], train_cache["label"], order,
          validation_cache["features"], validation_cache["label"]), mesh)  # fmt: skip

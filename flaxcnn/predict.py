@@ -116,6 +116,8 @@ def iter_predictions(
     """:func:`predict_files`, one result at a time, in the order of ``paths``."""
     import jax
 
+    from flaxcnn import compiler
+
     if top_k < 1 or batch_size < 1:
         raise ValueError(f"top_k={top_k}, batch_size={batch_size}: both must be positive")
     names = class_names(metadata)
@@ -123,7 +125,7 @@ def iter_predictions(
     size, mode = metadata["image_size"], metadata["preprocessing"]
     views = tta_mode(metadata, tta_override)
     logits = lambda v, x: tta.logits(lambda y: model.apply(v, y, train=False), x, views)
-    apply = jax.jit(lambda v, x: jax.nn.softmax(logits(v, x).astype("float32")))
+    apply = compiler.jit(lambda v, x: jax.nn.softmax(logits(v, x).astype("float32")))
     # One batch shape for every call, the last batch padded: one compilation.
     shape = min(batch_size, len(paths))
     pending: list[tuple[str, np.ndarray | str]] = []  # (path, image) or (path, error message)

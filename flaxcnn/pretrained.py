@@ -21,6 +21,7 @@ import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
+from flaxcnn import compiler
 from flaxcnn.models import (
     BACKBONES,
     Backbone,
@@ -67,7 +68,7 @@ def init_subset(model: nn.Module, rng: jax.Array, hw: tuple[int, int], keep) -> 
             {k: v for k, v in flat.items() if keep("/".join(k))}
         )
 
-    return jax.tree.map(np.asarray, jax.jit(picked)())
+    return jax.tree.map(np.asarray, compiler.jit(picked)())
 
 
 def _new_head_needs_top_file(backbone: Backbone, options: Mapping[str, Any]) -> bool:
@@ -134,7 +135,7 @@ def create(
     model = TransferClassifier(module, num_classes, dtype=dtype) if transfer else module
     new_head = transfer or (include_top and top_classes != 1000)
     if weights is None:
-        variables = jax.jit(model.init)(rng, jnp.zeros((1, *hw, 3)))
+        variables = compiler.jit(model.init)(rng, jnp.zeros((1, *hw, 3)))
         return model, jax.tree.map(np.asarray, variables)
 
     abstract = jax.eval_shape(module.init, rng, jnp.zeros((1, *hw, 3)))

@@ -27,6 +27,7 @@ from jax.experimental import multihost_utils
 from flaxcnn import (
     analysis,
     checkpoints,
+    compiler,
     data,
     head_search,
     interrupts,
@@ -73,7 +74,7 @@ def initial_variables(config: TrainConfig, model, hw: tuple[int, int], rng) -> d
     """
     if config.backbone is None or config.weights is None:
         log.info("initialised from scratch (random weights)")
-        return jax.tree.map(np.asarray, jax.jit(model.init)(rng, jnp.zeros((1, *hw, 3))))
+        return jax.tree.map(np.asarray, compiler.jit(model.init)(rng, jnp.zeros((1, *hw, 3))))
     _, variables = pretrained.create(
         config.model, weights=config.weights, input_size=hw, num_classes=model.num_classes,
         download=config.download, rng=rng, **config.options,

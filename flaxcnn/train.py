@@ -22,7 +22,7 @@ import optax
 from flax import linen as nn
 from jax import lax
 
-from flaxcnn import metrics, optim, sharding
+from flaxcnn import compiler, metrics, optim, sharding
 from flaxcnn import tta as tta_lib
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ def eval_step(
 def make_eval_step(apply_fn: Callable, mesh: jax.sharding.Mesh, *, input_key: str = "image",
                    tta: str = "none", cached_views: bool = False):  # fmt: skip
     """Jits ``eval_step`` with the mesh's shardings (batch split, variables replicated)."""
-    return jax.jit(
+    return compiler.jit(
         functools.partial(
             eval_step, apply_fn=apply_fn, input_key=input_key, tta=tta, cached_views=cached_views
         ),
@@ -183,7 +183,7 @@ def make_steps(
         input_key=input_key,
         class_weights=None if class_weights is None else jnp.asarray(class_weights, jnp.float32),
     )
-    train = jax.jit(
+    train = compiler.jit(
         step,
         in_shardings=(replicated, batch),
         out_shardings=(replicated, replicated),
@@ -200,7 +200,7 @@ def make_steps(
         (state, sums), _ = lax.scan(body, (state, sums), batches)
         return state, sums
 
-    train_scan = jax.jit(
+    train_scan = compiler.jit(
         scanned,
         in_shardings=(replicated, sharding.stacked_batch_sharding(mesh), replicated),
         out_shardings=(replicated, replicated),
@@ -313,7 +313,7 @@ def extract_features(
             x = jnp.stack([apply(views[:, i]) for i in range(count)], axis=1)
         return x, batch["label"], batch["mask"]
 
-    fn = jax.jit(
+    fn = compiler.jit(
         features_of,
         in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
         out_shardings=sharding.replicated(mesh),

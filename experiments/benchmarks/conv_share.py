@@ -2,14 +2,15 @@
 
     python experiments/benchmarks/conv_share.py [--batch-size 32] [--image-size 224]
 
-ResNet50's fine-tuning step is 0.84x Keras-TF on the 2-core CPU (cpu-2core.md). A whole
-network is too coarse to say why, so this times the network's convolutions one shape at a
-time, forward only, each framework in a process of its own (TensorFlow's defaults: oneDNN, a
-thread per core; XLA:CPU with flaxcnn's own formulations, ``flaxcnn.models.layers.conv`` and
-``pointwise_conv`` at ``conv_impl='auto'``), twice per shape: the convolution alone, and with
-the epilogue every ResNet conv has (bias, here the folded BatchNorm, then ReLU). Each shape's
-median milliseconds are multiplied by how often ResNet50 V1 uses it; ``--jsonl`` keeps the
-per-shape rows, which show which convolutions make the difference. Timed alone, a shape
+A whole network is too coarse to say where XLA:CPU loses time to oneDNN, so this times
+ResNet50's convolutions one shape at a time, forward only, each framework in a process of its
+own (TensorFlow's defaults: oneDNN, a thread per core; XLA:CPU as flaxcnn runs it:
+``flaxcnn.models.layers.conv`` and ``pointwise_conv`` at ``conv_impl='auto'``, compiled by
+``flaxcnn.compiler.jit``, glibc malloc tuned as the CLI tunes it), twice per shape: the
+convolution alone, and with the epilogue every ResNet conv has (bias, here the folded
+BatchNorm, then ReLU). Each shape's median milliseconds are multiplied by how often ResNet50
+V1 uses it; ``--jsonl`` keeps the per-shape rows, which show which convolutions make the
+difference. Timed alone, a shape
 also pays for reading its input from memory that a fused network would not, so the totals
 bound the network's convolution time from above rather than equal it.
 """
@@ -52,6 +53,7 @@ def _side(side: str, batch: int, scale: float, steps: int) -> list[dict]:
             import jax
             import jax.numpy as jnp
 
+            from flaxcnn import compiler
             from flaxcnn.models import layers
 
             def conv(x, w, k=k, stride=stride):
@@ -59,8 +61,8 @@ def _side(side: str, batch: int, scale: float, steps: int) -> list[dict]:
                     return layers.pointwise_conv(x, w[0, 0], "auto")
                 return layers.conv(x, w, (stride, stride), ((0, 0), (0, 0)), "auto")
 
-            fns = {"conv": jax.jit(conv),
-                   "conv+bias+relu": jax.jit(lambda x, w, b, c=conv: jnp.maximum(c(x, w) + b, 0))}
+            relu = lambda x, w, b, c=conv: jnp.maximum(c(x, w) + b, 0)
+            fns = {"conv": compiler.jit(conv), "conv+bias+relu": compiler.jit(relu)}
             x, w, b = jax.device_put((x, w, b))  # on the device once, as TF's constants
             args = {"conv": (x, w), "conv+bias+relu": (x, w, b)}
             wait = lambda y: y.block_until_ready()
@@ -97,6 +99,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     scale = args.image_size / 224
     if args.worker:
+        if args.worker == "xla":
+            from flaxcnn.cli import tune_glibc_malloc
+
+            tune_glibc_malloc()  # before JAX's threads, as the CLI and flaxcnn.bench do
         print(json.dumps(_side(args.worker, args.batch_size, scale, args.steps)))
         return 0
     print(f"load average at start: {os.getloadavg()}", flush=True)

@@ -29,9 +29,9 @@ def flax(variants, b, s):
     from flaxcnn import bench
     from flaxcnn.models import layers
 
-    dw, pw, cv = layers.depthwise_conv, layers.pointwise_conv, layers.conv
+    dw, pw = layers.depthwise_conv, layers.pointwise_conv
     for variant in variants:
-        layers.depthwise_conv, layers.pointwise_conv, layers.conv = dw, pw, cv
+        layers.depthwise_conv, layers.pointwise_conv = dw, pw
         impl = variant
         if variant == "dw_unrolled":  # depthwise unrolled, the rest lax
             impl = "lax"
@@ -39,9 +39,6 @@ def flax(variants, b, s):
         if variant == "pw_matmul":  # 1x1 as matmul, the rest lax
             impl = "lax"
             layers.pointwise_conv = lambda x, k, conv_impl="auto": pw(x, k, "unrolled")
-        if variant == "lax_stem_im2col":
-            impl = "lax"
-            layers.conv = lambda x, k, st, p, conv_impl="auto": cv(x, k, st, p, "unrolled")
         t0 = time.perf_counter()
         step = bench.build_step("full", b, s, conv_impl=impl, dtype="bfloat16",
                                 batch_on_device=True)

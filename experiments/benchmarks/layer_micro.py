@@ -6,8 +6,7 @@ Compares, on MobileNetV2-sized layers at batch 32, 160x160:
   lax        ``lax.conv_general_dilated`` (``feature_group_count=C`` for depthwise)
   slices     the earlier ``'unrolled'``: shifted slices, backward by JAX's autodiff, 1x1
              convs as a ``dot_general`` on the 4-D activation
-  unrolled   ``flaxcnn.models.layers`` now: hand-written depthwise backward, 2-D matmuls,
-             im2col weight gradient for the stem
+  unrolled   ``flaxcnn.models.layers`` now: hand-written depthwise backward, 2-D matmuls
 The cases take turns (interleaved rounds); times are milliseconds (median, min).
 """
 
@@ -22,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from flaxcnn import bench, cli
+from flaxcnn import bench, cli, compiler
 from flaxcnn.models import layers
 
 
@@ -65,24 +64,15 @@ def cases(skip_lax_grad: bool):
         },
         (x, w),
     )
-    x, w = normal(32, 160, 160, 3), normal(3, 3, 3, 32)
-    pads = ((0, 1), (0, 1))
-    out["stem conv 3x3 s2 3->32 32x160x160"] = (
-        {
-            "lax": lambda x, w: layers.conv(x, w, (2, 2), pads, "lax"),
-            "unrolled": lambda x, w: layers.conv(x, w, (2, 2), pads, "unrolled"),
-        },
-        (x, w),
-    )
     compiled = {}
     for name, (fns, args) in out.items():
         cot = jnp.asarray(rng.standard_normal(jax.eval_shape(fns["lax"], *args).shape), jnp.float32)
         for impl, fn in fns.items():
-            compiled[name, impl, "forward"] = (jax.jit(fn).lower(*args).compile(), args)
+            compiled[name, impl, "forward"] = (compiler.jit(fn).lower(*args).compile(), args)
             if skip_lax_grad and impl == "lax" and name.startswith("depthwise"):
                 continue  # XLA:CPU's grouped-conv backward takes seconds per call
             grad = lambda *a, fn=fn, cot=cot: jax.vjp(fn, *a)[1](cot)
-            compiled[name, impl, "fwd+bwd"] = (jax.jit(grad).lower(*args).compile(), args)
+            compiled[name, impl, "fwd+bwd"] = (compiler.jit(grad).lower(*args).compile(), args)
     return compiled
 
 

@@ -13,8 +13,10 @@ TPU conv unit) win. So ``conv_impl`` picks one of two exact formulations of the 
   backward pass (the input gradient is one correlation of the zero-dilated output gradient
   with the flipped kernel instead of ``kh * kw`` padded copies, which autodiff of the slices
   gives); 1x1 convs as one 2-D matmul (the weight gradient is then a plain ``x.T @ g``, with
-  no transpose copy of a 4-D activation); dense (stem) convs keep the conv primitive forward
-  and take their weight gradient as an ``im2col`` matmul.
+  no transpose copy of a 4-D activation). Dense k x k convs keep the convolution primitive
+  in both: with :mod:`flaxcnn.compiler`'s options XLA:CPU runs them as Eigen's threaded
+  convolutions, forward and backward, faster than any ``im2col`` matmul formulation
+  (experiments/benchmarks/cpu-2core.md).
 ``'auto'``
   ``'unrolled'`` on CPU, ``'lax'`` elsewhere.
 
@@ -181,55 +183,18 @@ def pointwise_conv(x: jax.Array, kernel: jax.Array, conv_impl: str = "auto") -> 
     return (rows @ kernel.reshape(kernel.shape[-2:])).reshape(*x.shape[:-1], kernel.shape[-1])
 
 
-def _patches(x: jax.Array, kernel_hw, strides, pads: Pads) -> jax.Array:
-    """im2col: ``[N, H', W', kh * kw * C]``, taps major and channels minor (HWIO order)."""
-    out_hw = _out_hw(x.shape[1:3], kernel_hw, strides, pads)
-    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
-    return jnp.concatenate([win for _, _, win in _taps(xp, *kernel_hw, strides, out_hw)], axis=-1)
-
-
-def _lax_conv(x, kernel, strides, pads):
-    return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=_NHWC)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv_im2col_grad(x: jax.Array, kernel: jax.Array, strides: tuple, pads: Pads) -> jax.Array:
-    return _lax_conv(x, kernel, strides, pads)
-
-
-def _conv_im2col_grad_fwd(x, kernel, strides, pads):
-    return _lax_conv(x, kernel, strides, pads), (x, kernel)
-
-
-def _conv_im2col_grad_bwd(strides, pads, residuals, g):
-    x, kernel = residuals
-    _, x_vjp = jax.vjp(lambda a: _lax_conv(a, kernel, strides, pads), x)
-    (dx,) = x_vjp(g)  # dropped by XLA when the input needs no gradient (images)
-    patches = _patches(x, kernel.shape[:2], strides, pads)
-    rows = patches.reshape(-1, patches.shape[-1])
-    dk = rows.T @ g.reshape(-1, g.shape[-1])
-    return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
-
-
-_conv_im2col_grad.defvjp(_conv_im2col_grad_fwd, _conv_im2col_grad_bwd)
-
-
 def conv(
     x: jax.Array, kernel: jax.Array, strides: Sequence[int], pads: Pads, conv_impl: str = "auto"
 ) -> jax.Array:
-    """Dense conv of NHWC ``x`` with an HWIO kernel.
+    """Dense conv of NHWC ``x`` with an HWIO kernel: the XLA convolution on every backend.
 
-    ``'unrolled'`` keeps the convolution primitive forward (XLA:CPU runs a dense conv with few
-    input channels well, ~20% faster than im2col and a matmul for MobileNetV2's stem) but
-    computes the weight gradient as ``im2col(x).T @ g``, 2x faster than XLA's
-    backward-filter convolution. Meant for convs with few input channels, such as a stem,
-    where the ``kh * kw * Cin`` patch tensor stays small.
+    ``conv_impl`` is accepted (and checked) so that every conv takes the same argument; no
+    other formulation beats the primitive for dense kernels (see the module docstring).
     """
+    resolve_conv_impl(conv_impl)
     strides = tuple(int(s) for s in strides)
     pads = tuple((int(lo), int(hi)) for lo, hi in pads)
-    if resolve_conv_impl(conv_impl) == "lax":
-        return _lax_conv(x, kernel, strides, pads)
-    return _conv_im2col_grad(x, kernel, strides, pads)
+    return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=_NHWC)
 
 
 def _fold(kernel: jax.Array, y_fn, multiplier, offset):
