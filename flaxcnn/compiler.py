@@ -6,9 +6,9 @@ forward on one core as on two, while Eigen's threaded convolution, which XLA:CPU
 without YNNPACK, takes ~30 ms forward and 2.5x less forward+backward. YNNPACK's dots, on the
 other hand, beat Eigen's in the backward pass (fine-tuning steps up to 1.4x slower with
 YNNPACK off altogether). So on CPU every flaxcnn computation keeps YNNPACK for dots and
-reductions and leaves convolutions to Eigen: inference steps of the registered families
-7-20% faster at batch 32, fine-tuning steps as fast or faster
-(experiments/benchmarks/cpu-2core.md).
+reductions and leaves convolutions to Eigen: at batch 32, inference steps of the families
+with dense convolutions 7-20% faster, the other families and the fine-tuning steps equal
+within the run-to-run spread (experiments/benchmarks/cpu-2core.md).
 
 These are options of each compilation (``jax.jit(..., compiler_options=...)``), not process
 flags: they reach flaxcnn's own computations only, never a user's or another framework's. A
