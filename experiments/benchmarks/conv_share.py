@@ -10,9 +10,9 @@ own (TensorFlow's defaults: oneDNN, a thread per core; XLA:CPU as flaxcnn runs i
 convolution alone, and with the epilogue every ResNet conv has (bias, here the folded
 BatchNorm, then ReLU). Each shape's median milliseconds are multiplied by how often ResNet50
 V1 uses it; ``--jsonl`` keeps the per-shape rows, which show which convolutions make the
-difference. Timed alone, a shape
-also pays for reading its input from memory that a fused network would not, so the totals
-bound the network's convolution time from above rather than equal it.
+difference. Timed alone, a shape also pays for reading its input from memory that a fused
+network would not, so the totals bound the network's convolution time from above rather
+than equal it.
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ TPU conv unit) win. So ``conv_impl`` picks one of two exact formulations of the 
   gives); 1x1 convs as one 2-D matmul (the weight gradient is then a plain ``x.T @ g``, with
   no transpose copy of a 4-D activation). Dense k x k convs keep the convolution primitive
   in both: with :mod:`flaxcnn.compiler`'s options XLA:CPU runs them as Eigen's threaded
-  convolutions, forward and backward, faster than any ``im2col`` matmul formulation
-  (experiments/benchmarks/cpu-2core.md).
+  convolutions, forward and backward, faster than the ``im2col`` weight gradient they used
+  before (experiments/benchmarks/cpu-2core.md).
 ``'auto'``
   ``'unrolled'`` on CPU, ``'lax'`` elsewhere.
 
