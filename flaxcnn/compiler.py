@@ -5,10 +5,12 @@ dense convolutions run on one thread: a 3x3 conv of 32x56x56x64 takes the same ~
 forward on one core as on two, while Eigen's threaded convolution, which XLA:CPU uses
 without YNNPACK, takes ~30 ms forward and 2.5x less forward+backward. YNNPACK's dots, on the
 other hand, beat Eigen's in the backward pass (fine-tuning steps up to 1.4x slower with
-YNNPACK off altogether). So on CPU every flaxcnn computation keeps YNNPACK for dots and
-reductions and leaves convolutions to Eigen: at batch 32, inference steps of the families
-with dense convolutions 7-20% faster, the other families and the fine-tuning steps equal
-within the run-to-run spread (experiments/benchmarks/cpu-2core.md).
+YNNPACK off altogether), but not in inference steps, which took 0.81-1.01x the time with
+their dots left to Eigen as well (per family at batch 32 on the 2-core CPU; without
+YNNPACK's reductions too, 0.59-1.28x). So on CPU a computation that is differentiated (a
+training step) keeps YNNPACK for dots and reductions and leaves convolutions to Eigen; one
+that is not (evaluation, feature caching, predict) keeps YNNPACK for reductions only.
+Measured in experiments/benchmarks/cpu-2core.md.
 
 These are options of each compilation (``jax.jit(..., compiler_options=...)``), not process
 flags: they reach flaxcnn's own computations only, never a user's or another framework's. A
@@ -26,9 +28,12 @@ from typing import Any
 import jax
 
 YNN_FUSION_OPTION = "xla_cpu_experimental_ynn_fusion_type"
-# YNNPACK's default set less INDIVIDUAL_CONVOLUTION (same HLO as XLA_FLAGS'
+# Differentiated: YNNPACK's default set less INDIVIDUAL_CONVOLUTION (same HLO as XLA_FLAGS'
 # ``-LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION``, which compiler options do not parse).
-CPU_OPTIONS = {YNN_FUSION_OPTION: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+CPU_TRAINING_OPTIONS = {
+    YNN_FUSION_OPTION: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+}
+CPU_INFERENCE_OPTIONS = {YNN_FUSION_OPTION: "LIBRARY_FUSION_TYPE_REDUCE"}
 
 
 @functools.cache
@@ -41,18 +46,22 @@ def _jaxlib_accepts(option: str, value: str) -> bool:
     return True
 
 
-def options(backend: str | None = None) -> dict[str, str]:
-    """The compiler options of flaxcnn's computations on ``backend`` (default: JAX's).
+def options(backend: str | None = None, *, differentiated: bool = False) -> dict[str, str]:
+    """The compiler options of flaxcnn's computations on ``backend`` (default: JAX's), for
+    one that runs a backward pass (``differentiated``) or not.
 
     Empty off CPU, where the defaults are right, and for any option that ``XLA_FLAGS`` sets.
     """
     if (backend or jax.default_backend()) != "cpu":
         return {}
     user_flags = os.environ.get("XLA_FLAGS", "")
-    return {option: value for option, value in CPU_OPTIONS.items()
+    chosen = CPU_TRAINING_OPTIONS if differentiated else CPU_INFERENCE_OPTIONS
+    return {option: value for option, value in chosen.items()
             if option not in user_flags and _jaxlib_accepts(option, value)}  # fmt: skip
 
 
-def jit(fun: Callable, **jit_kwargs: Any) -> Any:
-    """``jax.jit(fun, **jit_kwargs)`` compiled with :func:`options`."""
-    return jax.jit(fun, compiler_options=options() or None, **jit_kwargs)
+def jit(fun: Callable, *, differentiated: bool = False, **jit_kwargs: Any) -> Any:
+    """``jax.jit(fun, **jit_kwargs)`` compiled with :func:`options` (``differentiated``: the
+    computation takes gradients, e.g. a training step)."""
+    options_ = options(differentiated=differentiated) or None
+    return jax.jit(fun, compiler_options=options_, **jit_kwargs)

@@ -161,7 +161,8 @@ def train_heads(
         return state.params, jax.tree.map(lambda x: x[-1], train_sums), val_sums
 
     replicated = sharding.replicated(mesh)
-    program = compiler.jit(jax.vmap(one_head, in_axes=(0, *[None] * 6)), out_shardings=replicated)
+    program = compiler.jit(jax.vmap(one_head, in_axes=(0, *[None] * 6)), differentiated=True,
+                           out_shardings=replicated)  # fmt: skip
     inputs = sharding.replicate(
         (stacked, head_params, train_cache["features"], train_cache["label"], order,
          validation_cache["features"], validation_cache["label"]), mesh)  # fmt: skip

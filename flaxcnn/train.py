@@ -185,6 +185,7 @@ def make_steps(
     )
     train = compiler.jit(
         step,
+        differentiated=True,
         in_shardings=(replicated, batch),
         out_shardings=(replicated, replicated),
         donate_argnums=0,
@@ -202,6 +203,7 @@ def make_steps(
 
     train_scan = compiler.jit(
         scanned,
+        differentiated=True,
         in_shardings=(replicated, sharding.stacked_batch_sharding(mesh), replicated),
         out_shardings=(replicated, replicated),
         donate_argnums=0,

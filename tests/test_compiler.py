@@ -46,24 +46,32 @@ def _conv_then_dot(x, kernel, matrix):
 ARGS = (jnp.ones((2, 16, 16, 32)), jnp.ones((3, 3, 32, 32)), jnp.ones((32, 5)))
 
 
-@cpu_only
-def test_convolutions_leave_ynnpack_and_dots_stay():
-    if not compiler.options():
+def _skip_without_the_option():
+    if not compiler.options(differentiated=True):
         pytest.skip("this jaxlib has no YNNPACK fusion option (nothing to change)")
-    plain = _placement(jax.jit(_conv_then_dot).lower(*ARGS).compile().as_text())
-    ours = _placement(compiler.jit(_conv_then_dot).lower(*ARGS).compile().as_text())
+
+
+@cpu_only
+def test_convolutions_leave_ynnpack_and_only_training_keeps_its_dots():
+    _skip_without_the_option()
+    compiled = lambda jit, **kw: _placement(jit(_conv_then_dot, **kw).lower(*ARGS).compile()
+                                            .as_text())  # fmt: skip
     # The default that the module exists for; should jaxlib stop handing convolutions to
-    # YNNPACK, this fails and the option is to be measured again (cpu-2core.md).
-    assert plain == {"convolution": {"ynn"}, "dot": {"ynn"}}
-    assert ours == {"convolution": {"xla"}, "dot": {"ynn"}}
+    # YNNPACK, this fails and the options are to be measured again (cpu-2core.md).
+    assert compiled(jax.jit) == {"convolution": {"ynn"}, "dot": {"ynn"}}
+    assert compiled(compiler.jit, differentiated=True) == {"convolution": {"xla"},
+                                                           "dot": {"ynn"}}  # fmt: skip
+    assert compiled(compiler.jit) == {"convolution": {"xla"}, "dot": {"xla"}}
 
 
 @cpu_only
 def test_the_product_steps_compile_with_the_options():
-    if not compiler.options():
-        pytest.skip("this jaxlib has no YNNPACK fusion option (nothing to change)")
-    step = bench.build_step("simple_cnn", 32)  # phases.setup -> train.make_steps, as fit runs
-    assert _placement(step.compiled.as_text())["convolution"] == {"xla"}
+    _skip_without_the_option()
+    # phases.setup -> train.make_steps, as fit runs: a training step and an evaluation step.
+    training = _placement(bench.build_step("simple_cnn", 32).compiled.as_text())
+    assert training["convolution"] == {"xla"} and "ynn" in training["dot"]  # small dots: XLA
+    evaluation = bench.build_step("inference", 32, model="resnet50", image_size=32)
+    assert _placement(evaluation.compiled.as_text()) == {"convolution": {"xla"}, "dot": {"xla"}}
     # The same network and batch under a plain jax.jit: YNNPACK would take its convolutions
     # (those with more than 3 input channels).
     net = SimpleCNN()
@@ -74,9 +82,12 @@ def test_the_product_steps_compile_with_the_options():
 
 
 def test_no_options_off_cpu_or_when_xla_flags_set_them(monkeypatch):
-    assert compiler.options("gpu") == {} and compiler.options("tpu") == {}
+    for differentiated in (False, True):
+        assert compiler.options("gpu", differentiated=differentiated) == {}
+        assert compiler.options("tpu", differentiated=differentiated) == {}
     monkeypatch.setenv("XLA_FLAGS", f"--{compiler.YNN_FUSION_OPTION}=LIBRARY_FUSION_TYPE_DOT")
-    assert compiler.options("cpu") == {}  # the user's own setting wins
+    for differentiated in (False, True):  # the user's own setting wins
+        assert compiler.options("cpu", differentiated=differentiated) == {}
 
 
 @cpu_only

@@ -150,3 +150,22 @@ def test_batch_norm_affine_has_batch_norm_variables_and_folds_exactly():
     # Folding reassociates ~4 roundings per output (scale, offset, rsqrt, the add), each of
     # <= eps/2 of the output's magnitude: 1e-6 (8 eps) [measured 1.2e-7].
     assert_close(*folded_and_unfolded(x), 1e-6, what="folded BatchNorm")
+
+
+POOL_CASES = [((13, 11), 3, 2), ((8, 8), 2, 2), ((9, 7), 3, 1)]  # odd, even, stride 1
+
+
+@pytest.mark.parametrize(("hw", "window", "stride"), POOL_CASES)
+def test_unrolled_max_pool_equals_reduce_window(hw, window, stride):
+    """The maximum of the strided windows is ``reduce_window``'s, bit for bit (a max does not
+    round), and so is its gradient: with continuous random inputs a window has no ties, so
+    both send each output's cotangent to the same input element."""
+    x = _random((2, *hw, 5), 0)
+    pools = {impl: jax.jit(lambda x, impl=impl: layers.max_pool(x, window, stride, impl))
+             for impl in ("lax", "unrolled")}  # fmt: skip
+    outs = {impl: jax.vjp(fn, x) for impl, fn in pools.items()}
+    r = _random(outs["lax"][0].shape, 1)
+    np.testing.assert_array_equal(outs["unrolled"][0], outs["lax"][0])
+    np.testing.assert_array_equal(outs["unrolled"][1](r)[0], outs["lax"][1](r)[0])
+    assert outs["lax"][0].shape == (2, (hw[0] - window) // stride + 1,
+                                    (hw[1] - window) // stride + 1, 5)  # fmt: skip

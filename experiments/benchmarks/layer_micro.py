@@ -72,7 +72,8 @@ def cases(skip_lax_grad: bool):
             if skip_lax_grad and impl == "lax" and name.startswith("depthwise"):
                 continue  # XLA:CPU's grouped-conv backward takes seconds per call
             grad = lambda *a, fn=fn, cot=cot: jax.vjp(fn, *a)[1](cot)
-            compiled[name, impl, "fwd+bwd"] = (compiler.jit(grad).lower(*args).compile(), args)
+            compiled[name, impl, "fwd+bwd"] = (
+                compiler.jit(grad, differentiated=True).lower(*args).compile(), args)
     return compiled
 
 

@@ -21,11 +21,14 @@ TPU conv unit) win. So ``conv_impl`` picks one of two exact formulations of the 
   ``'unrolled'`` on CPU, ``'lax'`` elsewhere.
 
 BatchNorm in inference mode is a per-channel affine map, so :class:`BatchNormAffine` hands
-its ``(multiplier, offset)`` to the preceding conv, which folds the multiplier into its kernel
-and adds the offset: one pass over the activation fewer, forward and backward. Parameters
-keep the names, shapes and initialisers of ``flax.linen.Conv`` / ``BatchNorm`` (``kernel`` of
-shape ``(kh, kw, 1, C)`` for depthwise, ``(1, 1, Cin, Cout)`` for pointwise; ``scale``,
-``bias``, ``mean``, ``var``), so checkpoints do not depend on the formulation.
+its ``(multiplier, offset)`` to the preceding conv, which applies both in the elementwise pass
+after it: one pass over the activation fewer, forward and backward. Max pooling follows
+``conv_impl`` too: ``'unrolled'`` takes the maximum of the window's strided slices (one fused
+loop), ``'lax'`` is ``reduce_window`` (XLA:CPU's is slower; exporters map it to a pooling
+op). Parameters keep the names, shapes and initialisers of ``flax.linen.Conv`` /
+``BatchNorm`` (``kernel`` of shape ``(kh, kw, 1, C)`` for depthwise, ``(1, 1, Cin, Cout)``
+for pointwise; ``scale``, ``bias``, ``mean``, ``var``), so checkpoints do not depend on the
+formulation.
 """
 
 from __future__ import annotations
@@ -198,12 +201,15 @@ def conv(
 
 
 def _fold(kernel: jax.Array, y_fn, multiplier, offset):
-    """Applies ``y_fn`` to the kernel scaled per output channel, then adds ``offset``."""
-    if multiplier is not None:
-        # The barrier keeps the scaled kernel a small materialised array: fused into the
-        # depthwise loop, XLA would redo the multiply for every output element (~10% slower).
-        kernel = lax.optimization_barrier(kernel * multiplier)
+    """Applies ``y_fn`` to the kernel, then scales per output channel and adds ``offset``.
+
+    The scale goes on the output, inside the elementwise pass that adds the offset (and that
+    XLA fuses with the activation after it), not on the kernel: scaled kernels would cost a
+    pass over every weight on each call.
+    """
     y = y_fn(kernel)
+    if multiplier is not None:
+        y = y * multiplier.astype(y.dtype)
     return y if offset is None else y + offset.astype(y.dtype)
 
 
@@ -395,6 +401,15 @@ def conv_batch_norm(
     features = getattr(conv, "features", None) or x.shape[-1]  # depthwise keeps channels
     multiplier, offset = BatchNormAffine(epsilon=epsilon, name=name)(features)
     return conv(x, multiplier, offset)
+
+
+def max_pool(x: jax.Array, window: int, stride: int, conv_impl: str = "auto") -> jax.Array:
+    """A ``window x window`` VALID max pool of NHWC ``x`` with stride ``stride``."""
+    if resolve_conv_impl(conv_impl) == "lax":
+        return nn.max_pool(x, (window, window), strides=(stride, stride), padding="VALID")
+    out_hw = [(n - window) // stride + 1 for n in x.shape[1:3]]
+    windows = (w for *_, w in _taps(x, window, window, (stride, stride), out_hw))
+    return functools.reduce(jnp.maximum, windows)
 
 
 def global_pool(x: jax.Array, pooling: str | None) -> jax.Array:

@@ -30,6 +30,7 @@ from flaxcnn.models.layers import (
     PointwiseConv,
     conv_batch_norm,
     global_pool,
+    max_pool,
 )
 from flaxcnn.weights.registry import PretrainedSpec
 
@@ -185,7 +186,7 @@ class ResNet(nn.Module):
         # pool1_pad pads with zeros, which take part in the max (V2's stem has no ReLU, so
         # this differs from -inf padding there).
         x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-        return nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
+        return max_pool(x, 3, 2, self.conv_impl)
 
     def _block_v1(self, spec: BlockSpec, x: jax.Array, train: bool) -> jax.Array:
         p, filters = spec.prefix + "_", spec.filters
