@@ -23,12 +23,12 @@ TPU conv unit) win. So ``conv_impl`` picks one of two exact formulations of the 
 BatchNorm in inference mode is a per-channel affine map, so :class:`BatchNormAffine` hands
 its ``(multiplier, offset)`` to the preceding conv, which applies both in the elementwise pass
 after it: one pass over the activation fewer, forward and backward. Max pooling follows
-``conv_impl`` too: ``'unrolled'`` takes the maximum of the window's strided slices (one fused
-loop), ``'lax'`` is ``reduce_window`` (XLA:CPU's is slower; exporters map it to a pooling
-op). Parameters keep the names, shapes and initialisers of ``flax.linen.Conv`` /
-``BatchNorm`` (``kernel`` of shape ``(kh, kw, 1, C)`` for depthwise, ``(1, 1, Cin, Cout)``
-for pointwise; ``scale``, ``bias``, ``mean``, ``var``), so checkpoints do not depend on the
-formulation.
+``conv_impl`` too: ``'unrolled'`` takes the maximum of the window's strided slices (one loop
+that XLA fuses with the padding before it), ``'lax'`` is ``reduce_window`` (which exporters
+map to a pooling op). Parameters keep the names, shapes and initialisers of
+``flax.linen.Conv`` / ``BatchNorm`` (``kernel`` of shape ``(kh, kw, 1, C)`` for depthwise,
+``(1, 1, Cin, Cout)`` for pointwise; ``scale``, ``bias``, ``mean``, ``var``), so
+checkpoints do not depend on the formulation.
 """
 
 from __future__ import annotations
