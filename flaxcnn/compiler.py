@@ -63,5 +63,5 @@ def options(backend: str | None = None, *, differentiated: bool = False) -> dict
 def jit(fun: Callable, *, differentiated: bool = False, **jit_kwargs: Any) -> Any:
     """``jax.jit(fun, **jit_kwargs)`` compiled with :func:`options` (``differentiated``: the
     computation takes gradients, e.g. a training step)."""
-    options_ = options(differentiated=differentiated) or None
-    return jax.jit(fun, compiler_options=options_, **jit_kwargs)
+    chosen = options(differentiated=differentiated) or None
+    return jax.jit(fun, compiler_options=chosen, **jit_kwargs)

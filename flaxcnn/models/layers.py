@@ -407,8 +407,9 @@ def max_pool(x: jax.Array, window: int, stride: int, conv_impl: str = "auto") ->
     """A ``window x window`` VALID max pool of NHWC ``x`` with stride ``stride``."""
     if resolve_conv_impl(conv_impl) == "lax":
         return nn.max_pool(x, (window, window), strides=(stride, stride), padding="VALID")
-    out_hw = [(n - window) // stride + 1 for n in x.shape[1:3]]
-    windows = (w for *_, w in _taps(x, window, window, (stride, stride), out_hw))
+    shape, strides = (window, window), (stride, stride)
+    out_hw = _out_hw(x.shape[1:3], shape, strides, ((0, 0), (0, 0)))
+    windows = (w for *_, w in _taps(x, *shape, strides, out_hw))
     return functools.reduce(jnp.maximum, windows)
 
 
