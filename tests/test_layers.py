@@ -99,6 +99,55 @@ def test_dense_conv_equals_conv(shape, strides, padding, conv_impl):
     )
 
 
+# Winograd F(2x2, 3x3) computes each output from 16 products of transformed 4x4 tiles and
+# kernels per channel: the input transform adds up to 4 values per axis and the output
+# transform 3, so a product's terms carry ~4x the input's and ~2x the kernel's magnitude and
+# partly cancel. Over C = 128 channels that is ~eps*sqrt(9*C)*8 = 3e-5 of the terms' scale at
+# worst; relative to the output's largest magnitude, bound 1e-5 [measured 7.4e-7 to 1.0e-6
+# with C = 128 and 256]. A wrong tile offset or transform coefficient is off by 1e-1 or more.
+WINOGRAD_RTOL = 1e-5
+
+
+def test_winograd_conv_equals_conv_and_takes_its_gradients():
+    """The 3x3 stride-1 convs that qualify run Winograd F(2x2, 3x3) forward (the jaxpr holds
+    it) and give the convolution's outputs; their gradients are the convolution's own."""
+    shape, pads = (8, 16, 12, 128), ((1, 1), (1, 1))  # 8 * 8 * 6 = 384 tiles
+    x, kernel = _random(shape, 0), _random((3, 3, 128, 136), 1) / 30
+    reference = lambda a, k: lax.conv_general_dilated(
+        a, k, (1, 1), pads, dimension_numbers=NHWC, precision=lax.Precision.HIGHEST
+    )
+    fn = lambda a, k: layers.conv(a, k, (1, 1), pads, "unrolled")
+    assert "_winograd_3x3" not in str(jax.make_jaxpr(fn)(x, kernel))  # below WINOGRAD_MIN_TILES
+    x = jnp.concatenate([x, x[::-1] * 0.5])  # 768 tiles
+    assert "_winograd_3x3" in str(jax.make_jaxpr(fn)(x, kernel))
+    want, want_vjp = jax.jit(lambda a, k: jax.vjp(reference, a, k))(x, kernel)
+    got, got_vjp = jax.jit(lambda a, k: jax.vjp(fn, a, k))(x, kernel)
+    assert_close(got, want, WINOGRAD_RTOL, what="forward")
+    r = _random(want.shape, 7)
+    for name, g, w in zip(("d/dx", "d/dkernel"), got_vjp(r), want_vjp(r), strict=True):
+        assert_close(g, w, GRAD_RTOL, what=name)
+
+
+@pytest.mark.parametrize(
+    ("shape", "strides", "pads", "dtype"),
+    [
+        ((16, 15, 16, 128), (1, 1), ((1, 1), (1, 1)), jnp.float32),  # odd side
+        ((16, 16, 16, 64), (1, 1), ((1, 1), (1, 1)), jnp.float32),  # too few channels
+        ((16, 16, 16, 128), (2, 2), ((1, 1), (1, 1)), jnp.float32),  # strided
+        ((16, 16, 16, 128), (1, 1), ((0, 0), (0, 0)), jnp.float32),  # VALID
+        ((16, 16, 16, 128), (1, 1), ((1, 1), (1, 1)), jnp.bfloat16),  # transforms would round
+    ],
+)
+def test_winograd_only_where_it_applies(shape, strides, pads, dtype):
+    x, kernel = jnp.zeros(shape, dtype), jnp.zeros((3, 3, shape[-1], 128), dtype)
+    for impl in ("unrolled", "lax"):
+        jaxpr = jax.make_jaxpr(lambda a, k, impl=impl: layers.conv(a, k, strides, pads, impl))
+        assert "_winograd_3x3" not in str(jaxpr(x, kernel))
+    assert "_winograd_3x3" in str(jax.make_jaxpr(
+        lambda a, k: layers.conv(a, k, (1, 1), ((1, 1), (1, 1)), "unrolled")
+    )(jnp.zeros((16, 16, 16, 128)), jnp.zeros((3, 3, 128, 128))))  # fmt: skip
+
+
 def test_auto_resolves_per_backend():
     expected = "unrolled" if jax.default_backend() == "cpu" else "lax"
     assert layers.resolve_conv_impl("auto") == expected

@@ -14,7 +14,7 @@ from keras_reference import randomize_weights, save_legacy_h5
 from tolerances import assert_close
 
 from flaxcnn import checkpoints, pretrained
-from flaxcnn.models import get_backbone, random_variables
+from flaxcnn.models import get_backbone, layers, random_variables
 from flaxcnn.models.resnet import ResNet, num_stages
 from flaxcnn.weights import WeightsError, read_keras_h5
 
@@ -195,6 +195,24 @@ def test_outputs_equal_keras(keras_reference, name, size, include_top, pooling):
         got = np.asarray(apply(variables, images))
         assert got.shape == expected.shape
         assert_close(got, expected, RANDOM_WEIGHTS_RTOL, what=f"{name} {conv_impl}")
+
+
+@pytest.mark.parametrize("name", ["resnet50", "resnet50_v2"])
+def test_winograd_convs_equal_keras(keras_reference, monkeypatch, name):
+    """With Winograd F(2x2, 3x3) for every 3x3 stride-1 conv wide enough (at 96 px conv3's
+    12x12 and conv4's 6x6 maps; the batch of 2 has fewer tiles than the CPU threshold, which
+    is lowered here), the outputs are still Keras's."""
+    monkeypatch.setattr(layers, "WINOGRAD_MIN_TILES", 1)
+    reference = keras_reference(name)
+    images = _images(name, (96, 96), seed=5)
+    expected = reference.any_size(images, training=False).numpy()
+    model, variables = pretrained.create(name, weights=reference.notop_file, input_size=96,
+                                         conv_impl="unrolled")  # fmt: skip
+    calls = str(jax.make_jaxpr(model.apply)(variables, images)).count("name=_winograd_3x3")
+    # V1: conv3's 4 blocks and conv4's 6; V2 strides the last block's 3x3 of a stage: 3 + 5.
+    assert calls == {"resnet50": 10, "resnet50_v2": 8}[name]
+    got = np.asarray(jax.jit(model.apply)(variables, images))
+    assert_close(got, expected, RANDOM_WEIGHTS_RTOL, what=f"{name} Winograd")
 
 
 @pytest.mark.parametrize("name", ["resnet50", "resnet50_v2"])

@@ -14,9 +14,10 @@ TPU conv unit) win. So ``conv_impl`` picks one of two exact formulations of the 
   with the flipped kernel instead of ``kh * kw`` padded copies, which autodiff of the slices
   gives); 1x1 convs as one 2-D matmul (the weight gradient is then a plain ``x.T @ g``, with
   no transpose copy of a 4-D activation). Dense k x k convs keep the convolution primitive
-  in both: with :mod:`flaxcnn.compiler`'s options XLA:CPU runs them as Eigen's threaded
-  convolutions, forward and backward, faster than the ``im2col`` weight gradient they used
-  before (experiments/benchmarks/cpu-2core.md).
+  (with :mod:`flaxcnn.compiler`'s options XLA:CPU runs them as Eigen's threaded
+  convolutions, faster than an ``im2col`` weight gradient), except the forward pass of wide
+  3x3 stride-1 convs, which is Winograd F(2x2, 3x3): 16 multiplies per 2x2 outputs instead of
+  36, 0.63-0.91x the convolution's time (experiments/benchmarks/cpu-2core.md).
 ``'auto'``
   ``'unrolled'`` on CPU, ``'lax'`` elsewhere.
 
@@ -54,7 +55,8 @@ def resolve_conv_impl(conv_impl: str) -> str:
 
     Args:
       conv_impl: ``'auto'``, ``'lax'`` (XLA convolution primitives) or ``'unrolled'``
-        (depthwise as shifted multiply-adds, 1x1 and stem convs as matmuls).
+        (depthwise as shifted multiply-adds, 1x1 convs as matmuls, wide 3x3 convs by
+        Winograd; see the module docstring).
 
     Returns:
       ``'lax'`` or ``'unrolled'``.
@@ -186,18 +188,99 @@ def pointwise_conv(x: jax.Array, kernel: jax.Array, conv_impl: str = "auto") -> 
     return (rows @ kernel.reshape(kernel.shape[-2:])).reshape(*x.shape[:-1], kernel.shape[-1])
 
 
+# Winograd F(2x2, 3x3) (Lavin & Gray, 2016): a 3x3 stride-1 conv over 4x4 input tiles taken
+# every 2 pixels, as 16 matmuls over channels (one per tile position) between input transforms
+# B^T d B and kernel transforms G g G^T, and the output transform A^T m A: 16 products per 2x2
+# outputs instead of 36. The transform matrices hold only 0, +-1 and +-1/2.
+_WINOGRAD_BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
+_WINOGRAD_G = ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1))
+_WINOGRAD_AT = ((1, 1, 1, 0), (0, 1, -1, -1))
+# Where it beats XLA:CPU's convolution (forward at batch 32, 2-core AVX-512 CPU,
+# experiments/benchmarks/cpu-2core.md): 0.63-0.91x of its time with >= 128 channels in and out
+# and >= 512 tiles; with 64 channels (ResNet's 56x56 stage) its transforms, 4x the input in
+# memory, cost more than the products save (1.1-1.3x), as at batch 1 (1.8x). Odd sides pad a
+# row and a column of tiles (7x7: no gain).
+WINOGRAD_MIN_CHANNELS = 128
+WINOGRAD_MIN_TILES = 512
+
+
+def _combine(matrix, views: Sequence[jax.Array]) -> list[jax.Array]:
+    """``matrix @ views`` for a small constant matrix: sums of (signed) arrays, fused by XLA."""
+    out = []
+    for row in matrix:
+        pairs = [(c, v) for c, v in zip(row, views, strict=True) if c]
+        terms = [v if c == 1 else -v if c == -1 else v * c for c, v in pairs]
+        out.append(functools.reduce(jnp.add, terms))
+    return out
+
+
+def _strided_views(x: jax.Array, axis: int, count: int) -> list[jax.Array]:
+    """Element ``k`` of every 4-tile along ``axis`` taken every 2: ``x[k::2][:count]``, k < 4."""
+    return [lax.slice_in_dim(x, k, k + 2 * (count - 1) + 1, 2, axis) for k in range(4)]
+
+
+def _winograd_applies(x: jax.Array, kernel: jax.Array, strides, pads) -> bool:
+    n, h, w, c = x.shape
+    return (
+        kernel.shape[:2] == (3, 3) and tuple(strides) == (1, 1) and pads == ((1, 1), (1, 1))
+        and x.dtype == jnp.float32 and min(c, kernel.shape[-1]) >= WINOGRAD_MIN_CHANNELS
+        and h % 2 == 0 and w % 2 == 0 and n * (h // 2) * (w // 2) >= WINOGRAD_MIN_TILES
+    )  # fmt: skip
+
+
+def _conv_primitive(x, kernel, strides, pads):
+    return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=_NHWC)
+
+
+@jax.custom_vjp
+def _winograd_3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """The 'SAME' 3x3 stride-1 conv of NHWC ``x`` (even sides) by Winograd F(2x2, 3x3)."""
+    n, h, w, c = x.shape
+    th, tw = h // 2, w // 2
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    v = []
+    for rows in _combine(_WINOGRAD_BT, _strided_views(xp, 1, th)):
+        v += _combine(_WINOGRAD_BT, _strided_views(rows, 2, tw))
+    v = jnp.stack(v).reshape(16, n * th * tw, c)
+    u = []
+    for rows in _combine(_WINOGRAD_G, list(kernel)):
+        u += _combine(_WINOGRAD_G, [rows[j] for j in range(3)])
+    m = lax.dot_general(v, jnp.stack(u), (((2,), (1,)), ((0,), (0,))))  # [16, tiles, out]
+    m = m.reshape(4, 4, n, th, tw, -1)
+    y = [_combine(_WINOGRAD_AT, [r[j] for j in range(4)]) for r in _combine(_WINOGRAD_AT, list(m))]
+    y = jnp.stack([jnp.stack(row) for row in y])  # [2, 2, n, th, tw, out]
+    return y.transpose(2, 3, 0, 4, 1, 5).reshape(n, h, w, -1)
+
+
+def _winograd_3x3_fwd(x, kernel):
+    return _winograd_3x3(x, kernel), (x, kernel)
+
+
+def _winograd_3x3_bwd(residuals, g):
+    # The convolution's own gradients: autodiff through the transforms is 1.1-2x slower.
+    _, vjp = jax.vjp(lambda a, k: _conv_primitive(a, k, (1, 1), ((1, 1), (1, 1))), *residuals)
+    return vjp(g)
+
+
+_winograd_3x3.defvjp(_winograd_3x3_fwd, _winograd_3x3_bwd)
+
+
 def conv(
     x: jax.Array, kernel: jax.Array, strides: Sequence[int], pads: Pads, conv_impl: str = "auto"
 ) -> jax.Array:
-    """Dense conv of NHWC ``x`` with an HWIO kernel: the XLA convolution on every backend.
+    """Dense conv of NHWC ``x`` with an HWIO kernel.
 
-    ``conv_impl`` is accepted (and checked) so that every conv takes the same argument; no
-    other formulation beats the primitive for dense kernels (see the module docstring).
+    ``'lax'`` is the XLA convolution. ``'unrolled'`` is too, except for float32 3x3 stride-1
+    'SAME' convs wide and large enough (:data:`WINOGRAD_MIN_CHANNELS`,
+    :data:`WINOGRAD_MIN_TILES`, even sides), whose forward pass is Winograd F(2x2, 3x3) (the
+    same sums up to float rounding, ~1e-6 of the output's scale; the backward pass is the
+    convolution's).
     """
-    resolve_conv_impl(conv_impl)
     strides = tuple(int(s) for s in strides)
     pads = tuple((int(lo), int(hi)) for lo, hi in pads)
-    return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=_NHWC)
+    if resolve_conv_impl(conv_impl) == "unrolled" and _winograd_applies(x, kernel, strides, pads):
+        return _winograd_3x3(x, kernel)
+    return _conv_primitive(x, kernel, strides, pads)
 
 
 def _fold(kernel: jax.Array, y_fn, multiplier, offset):
