@@ -141,7 +141,7 @@ class Step:
     run: Callable[[], Any]
     compile_s: float
     note: str = ""
-    compiled: Any = None  # the XLA executable, for cost and HLO inspection
+    compiled: Any = None  # the XLA executable(s), for cost and HLO inspection
     steps_per_run: int = 1  # train steps that one ``run()`` performs
     image_size: int = 0  # the input side (the model's default when none was asked for)
 
@@ -169,7 +169,7 @@ def build_step(
     import jax
     import jax.numpy as jnp
 
-    from flaxcnn import metrics, phases, sharding
+    from flaxcnn import metrics, phases, sharding, train
     from flaxcnn.config import TrainConfig
     from flaxcnn.models import DEFAULT_MODEL, build_model, random_variables
 
@@ -226,16 +226,18 @@ def build_step(
     if phase.cached_features:  # as train.run_epoch_in_memory runs it
         stacked = {k: np.stack([v] * CACHED_EPOCH_STEPS) for k, v in batch.items()}
         feed = feeder(stacked, stacked=True)
-        compiled = setup.steps.train_scan.lower(state, feed(), metrics.zero_sums()).compile()
-        run_once = lambda: compiled(holder[0], feed(), metrics.zero_sums())
+        step_fn, extra = setup.steps.train_scan, (metrics.zero_sums(),)
     else:
-        feed = feeder(batch)
-        compiled = setup.steps.train.lower(state, feed()).compile()
-        run_once = lambda: compiled(holder[0], feed())
+        feed, step_fn, extra = feeder(batch), setup.steps.train, ()
+    if isinstance(step_fn, train.AfterFrozenStages):  # fine-tuning above frozen stages
+        compiled = step_fn.compile(state, feed(), *extra)
+        note = "frozen stages compiled apart"
+    else:
+        compiled = step_fn.lower(state, feed(), *extra).compile()
     compile_s = time.perf_counter() - start
 
     def run():
-        holder[0], sums = run_once()
+        holder[0], sums = compiled(holder[0], feed(), *extra)
         return holder[0], sums
 
     steps_per_run = CACHED_EPOCH_STEPS if phase.cached_features else 1

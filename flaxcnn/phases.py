@@ -5,8 +5,9 @@ Transfer recipe (a registered backbone), after the TensorFlow transfer-learning 
      for this phase (``feature_cache='auto'``: always, see README), the backbone runs once
      over the data and the head trains on cached pooled features.
   2. ``finetune``: the backbone from ``fine_tune_at`` on trains too, at a low learning rate.
-     Validation runs from the first trainable stage on activations of the frozen ones,
-     computed once (:func:`validation_cache`).
+     The whole stages below it run as their own inference computation before each training
+     step (:func:`frozen_stage_count`), and validation runs from the first trainable stage on
+     their activations, computed once (:func:`validation_cache`).
 The backbone's norms stay in inference mode throughout (``TransferClassifier``). A model
 trained from scratch has one phase, ``train``, with everything trainable.
 
@@ -17,7 +18,6 @@ times the product's own steps. Only the backbone contract is asked about the mod
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import time
 from typing import Any
@@ -153,6 +153,29 @@ def head_apply(model: Any):
     return lambda v, x, **kw: model.apply(v, x, method=model.classify_features, **kw)
 
 
+def frozen_stage_count(phase: Phase, config: TrainConfig) -> int:
+    """The backbone stages a phase never trains: those below the stage of its first trainable
+    layer (0 for the head phase, a model from scratch, or fine-tuning from the stem).
+
+    The backbone's norms are in inference mode in every transfer phase, so these stages are a
+    function of the images alone: validation caches their output (:func:`validation_cache`)
+    and training computes it apart from the differentiated step (:func:`setup`).
+    """
+    if phase.first_trainable is None or config.backbone is None:
+        return 0
+    return config.backbone.stage_of(phase.first_trainable, **config.options)
+
+
+def to_stage(model: Any, stage: int):
+    """``(variables, images) -> activations`` entering backbone stage ``stage`` (inference)."""
+    return lambda v, x: model.apply(v, x, method=model.features, stop=stage)
+
+
+def from_stage(model: Any, stage: int):
+    """``(variables, activations, **kw) -> logits``: the model continued from stage ``stage``."""
+    return lambda v, x, **kw: model.apply(v, x, start=stage, **kw)
+
+
 def setup(
     phase: Phase, params: Any, model: Any, mesh: jax.sharding.Mesh, config: TrainConfig,
     steps_per_epoch: int, class_weights: np.ndarray | None = None,
@@ -185,9 +208,12 @@ def setup(
     apply_fn = head_apply(model) if phase.cached_features else model.apply
     input_key = "features" if phase.cached_features else "image"
     # On cached features the views of test-time augmentation come from the cache (PhaseData).
+    stage = 0 if phase.cached_features else frozen_stage_count(phase, config)
+    split = (to_stage(model, stage), from_stage(model, stage)) if stage else None
     steps = train.make_steps(apply_fn, frozen, mesh, update_batch_stats=config.backbone is None,
                              input_key=input_key, class_weights=class_weights,
-                             tta="none" if phase.cached_features else config.tta)  # fmt: skip
+                             tta="none" if phase.cached_features else config.tta,
+                             frozen_stages=split)  # fmt: skip
     learning_rates = lambda step: {
         "learning_rate": float(rate(step)),
         **({"head_learning_rate": float(head_rate(step))} if head_rate else {}),
@@ -329,15 +355,11 @@ def validation_cache(phase: Phase, dataset, model, variables, mesh, config: Trai
     or Nones where nothing below the trainable part is frozen in the backbone (a model from
     scratch, fine-tuning from the stem; the head phase caches its pooled features itself).
     """
-    backbone = config.backbone
-    if config.feature_cache == "off" or backbone is None or phase.first_trainable is None:
-        return None, None
-    stage = backbone.stage_of(phase.first_trainable, **config.options)
-    if stage == 0:
+    stage = frozen_stage_count(phase, config)
+    if config.feature_cache == "off" or stage == 0:
         return None, None
     image = jnp.zeros((1, *pipeline["image_size"], 3))
-    shape = jax.eval_shape(functools.partial(model.apply, method=model.features, stop=stage),
-                           variables, image).shape[1:]  # fmt: skip
+    shape = jax.eval_shape(to_stage(model, stage), variables, image).shape[1:]
     n = dataset.split_sizes["validation"]
     views = tta.num_views(config.tta)
     nbytes = n * views * int(np.prod(shape)) * 4
@@ -350,9 +372,8 @@ def validation_cache(phase: Phase, dataset, model, variables, mesh, config: Trai
         model, variables, data.eval_batches(dataset, "validation", **pipeline, **shard),
         mesh, stop=stage, tta=config.tta)  # fmt: skip
     log.info("cached the validation activations entering %s (%d x %s, %.0f MB) in %.1f s; "
-             "evaluation runs from there (training starts at %s)", backbone.stage_names[stage],
-             n * views, "x".join(map(str, shape)), nbytes / 1e6, time.time() - t0,
-             phase.first_trainable)  # fmt: skip
-    from_stage = lambda v, x, **kw: model.apply(v, x, start=stage, **kw)
-    return cache, train.make_eval_step(from_stage, mesh, input_key="features",
+             "evaluation runs from there (training starts at %s)",
+             config.backbone.stage_names[stage], n * views, "x".join(map(str, shape)),
+             nbytes / 1e6, time.time() - t0, phase.first_trainable)  # fmt: skip
+    return cache, train.make_eval_step(from_stage(model, stage), mesh, input_key="features",
                                        cached_views=views > 1)  # fmt: skip

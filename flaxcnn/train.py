@@ -167,17 +167,23 @@ def make_steps(
     input_key: str = "image",
     class_weights: np.ndarray | None = None,
     tta: str = "none",
+    frozen_stages: tuple[Callable, Callable] | None = None,
 ) -> StepFns:
     """Jits the steps once per phase with explicit shardings and a donated state.
 
     ``class_weights`` weigh the training loss (``train_step``); ``tta`` is the evaluation's
-    test-time augmentation of images (``eval_step``).
+    test-time augmentation of images (``eval_step``). ``frozen_stages`` is ``apply_fn`` cut
+    where training starts, ``(features_fn, from_stage_fn)``: ``features_fn(variables, x)``,
+    the stages that only run forward in inference mode, is compiled as an inference
+    computation (``flaxcnn.compiler``: on CPU without YNNPACK's dots, which lose in passes
+    that are not differentiated), and the training steps differentiate ``from_stage_fn`` on
+    its output. Evaluation runs ``apply_fn`` whole.
     """
     replicated = sharding.replicated(mesh)
     batch = sharding.batch_sharding(mesh)
     step = functools.partial(
         train_step,
-        apply_fn=apply_fn,
+        apply_fn=apply_fn if frozen_stages is None else frozen_stages[1],
         frozen=frozen,
         update_batch_stats=update_batch_stats,
         input_key=input_key,
@@ -201,14 +207,61 @@ def make_steps(
         (state, sums), _ = lax.scan(body, (state, sums), batches)
         return state, sums
 
+    stacked = sharding.stacked_batch_sharding(mesh)
     train_scan = compiler.jit(
         scanned,
         differentiated=True,
-        in_shardings=(replicated, sharding.stacked_batch_sharding(mesh), replicated),
+        in_shardings=(replicated, stacked, replicated),
         out_shardings=(replicated, replicated),
         donate_argnums=0,
     )
-    return StepFns(train=train, evaluate=evaluate, train_scan=train_scan)
+    if frozen_stages is None:
+        return StepFns(train=train, evaluate=evaluate, train_scan=train_scan)
+    features_fn = frozen_stages[0]
+    features = compiler.jit(features_fn, in_shardings=(replicated, batch), out_shardings=batch)
+    features_stacked = compiler.jit(
+        lambda v, xs: lax.map(lambda x: features_fn(v, x), xs),
+        in_shardings=(replicated, stacked),
+        out_shardings=stacked,
+    )
+    return StepFns(
+        train=AfterFrozenStages(features, train, input_key),
+        evaluate=evaluate,
+        train_scan=AfterFrozenStages(features_stacked, train_scan, input_key),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class AfterFrozenStages:
+    """A training step on the output of the frozen stages, each its own compilation:
+    ``step(state, batch with batch[input_key] = features(state.variables, batch[input_key]),
+    *rest)``. The frozen parameters do not change during a phase, so they are read from the
+    state that the step is given."""
+
+    features: Callable
+    step: Callable
+    input_key: str
+
+    def __call__(self, state: TrainState, batch: Mapping[str, Any], *rest: Any) -> Any:
+        inputs = self.features(state.variables, batch[self.input_key])
+        return self.step(state, {**batch, self.input_key: inputs}, *rest)
+
+    def compile(self, state: TrainState, batch: Mapping[str, Any], *rest: Any):
+        """Both computations compiled ahead of time for these inputs (``flaxcnn.bench``)."""
+        features = self.features.lower(state.variables, batch[self.input_key]).compile()
+        shapes = jax.eval_shape(self.features, state.variables, batch[self.input_key])
+        step = self.step.lower(state, {**batch, self.input_key: shapes}, *rest).compile()
+        return dataclasses.replace(self, features=features, step=step)
+
+    def as_text(self) -> str:
+        """Both programs' HLO, of a compiled one (as ``jax.stages.Compiled.as_text``)."""
+        return self.features.as_text() + "\n" + self.step.as_text()
+
+    def cost_analysis(self) -> dict[str, float]:
+        """Both programs' costs added up, of a compiled one."""
+        costs = [c[0] if isinstance(c, list) else c
+                 for c in (self.features.cost_analysis(), self.step.cost_analysis())]  # fmt: skip
+        return {k: sum(c.get(k, 0.0) for c in costs) for k in costs[0].keys() | costs[1].keys()}
 
 
 def frozen_tree(labels: Any) -> Any:

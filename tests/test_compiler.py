@@ -72,6 +72,10 @@ def test_the_product_steps_compile_with_the_options():
     assert training["convolution"] == {"xla"} and "ynn" in training["dot"]  # small dots: XLA
     evaluation = bench.build_step("inference", 32, model="resnet50", image_size=32)
     assert _placement(evaluation.compiled.as_text()) == {"convolution": {"xla"}, "dot": {"xla"}}
+    # Fine-tuning: the frozen stages are an inference computation, the rest a training one.
+    finetune = bench.build_step("finetune", 32, model="resnet50", image_size=32).compiled
+    assert _placement(finetune.features.as_text()) == {"convolution": {"xla"}, "dot": {"xla"}}
+    assert "ynn" in _placement(finetune.step.as_text())["dot"]
     # The same network and batch under a plain jax.jit: YNNPACK would take its convolutions
     # (those with more than 3 input channels).
     net = SimpleCNN()

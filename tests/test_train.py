@@ -9,9 +9,9 @@ import jax
 import numpy as np
 import pytest
 from flax import traverse_util
-from tolerances import F32_EPS, assert_close, assert_within
+from tolerances import F32_EPS, assert_close, assert_within, max_diff
 
-from flaxcnn import checkpoints, data, optim, report, sharding, train
+from flaxcnn import checkpoints, data, optim, phases, report, sharding, train
 from flaxcnn.config import TrainConfig
 from flaxcnn.models import build_model, get_backbone, random_variables
 from flaxcnn.run import fit
@@ -110,6 +110,37 @@ def test_fine_tuning_moves_the_head_at_its_own_learning_rate():
     # The phase's opening line counts the head among the trainable parameters.
     trainable = sum(np.size(before[k]) for k, label in flat_labels.items() if label != "frozen")
     assert optim.count_by_label(variables["params"], labels)[optim.TRAINABLE] == trainable
+
+
+def test_fine_tuning_above_frozen_stages_runs_them_apart_with_the_same_result():
+    """``phases.setup`` computes the whole stages below the first trainable layer apart from
+    the differentiated step (train.AfterFrozenStages); the steps then give what one
+    computation of the whole model gives."""
+    config = TrainConfig(model_options={"alpha": 0.35}, weights=None, image_size=SIZE,
+                         fine_tune_at="block_14_expand").resolved()  # fmt: skip
+    phase = phases.plan(config)[-1]
+    model, variables = _transfer_model()
+    mesh = sharding.make_mesh()
+    setup = phases.setup(phase, variables["params"], model, mesh, config, 10)
+    assert isinstance(setup.steps.train, train.AfterFrozenStages)
+    assert phases.frozen_stage_count(phase, config) > 0
+    whole = train.make_steps(model.apply, setup.frozen, mesh, update_batch_stats=False)
+    runs = {}
+    for name, steps in (("apart", setup.steps), ("whole", whole)):
+        state, losses = setup.initial_state(variables, jax.random.PRNGKey(1)), []
+        for seed in range(3):
+            state, sums = steps.train(state, sharding.to_global(_batch(seed), mesh))
+            losses.append(float(sums["loss_sum"]))
+        runs[name] = losses, jax.tree.map(np.array, state.params)
+    # The same float32 operations compiled as two programs instead of one: XLA may fuse and
+    # order them otherwise, each loss off by a few roundings of its terms (8 examples, 3
+    # classes): 1e-6 [measured: bit-equal here]. A wrong stage or input would be off by O(1).
+    assert_close(runs["apart"][0], runs["whole"][0], 1e-6, what="losses")
+    # Adam moves each trainable leaf by <= lr per step whatever the gradient's size, so the
+    # parameters' difference is bounded by that update: 1e-2 of lr x 3 steps leaves room for
+    # gradients whose float rounding differs [measured: bit-equal].
+    lr_steps = 3 * config.finetune_learning_rate
+    assert_within(max_diff(runs["apart"][1], runs["whole"][1]), 1e-2, lr_steps, "parameters")
 
 
 def test_fine_tune_at_resolves_keras_index_and_names():
