@@ -103,8 +103,8 @@ def test_dense_conv_equals_conv(shape, strides, padding, conv_impl):
 # kernels per channel: the input transform adds up to 4 values per axis and the output
 # transform 3, so a product's terms carry ~4x the input's and ~2x the kernel's magnitude and
 # partly cancel. Over C = 128 channels that is ~eps*sqrt(9*C)*8 = 3e-5 of the terms' scale at
-# worst; relative to the output's largest magnitude, bound 1e-5 [measured 7.4e-7 to 1.0e-6
-# with C = 128 and 256]. A wrong tile offset or transform coefficient is off by 1e-1 or more.
+# worst; relative to the output's largest magnitude, bound 1e-5 [measured 4.8e-7 here, 4.3e-7
+# to 7.6e-7 over the shapes of records-2026-12-03/winograd_shapes.txt]. A wrong tile offset or transform coefficient is off by 1e-1 or more.
 WINOGRAD_RTOL = 1e-5
 
 

@@ -17,7 +17,7 @@ TPU conv unit) win. So ``conv_impl`` picks one of two exact formulations of the 
   (with :mod:`flaxcnn.compiler`'s options XLA:CPU runs them as Eigen's threaded
   convolutions, faster than an ``im2col`` weight gradient), except the forward pass of wide
   3x3 stride-1 convs, which is Winograd F(2x2, 3x3): 16 multiplies per 2x2 outputs instead of
-  36, 0.63-0.91x the convolution's time (experiments/benchmarks/cpu-2core.md).
+  36, 0.60-0.98x the convolution's time (experiments/benchmarks/cpu-2core.md).
 ``'auto'``
   ``'unrolled'`` on CPU, ``'lax'`` elsewhere.
 
@@ -196,10 +196,12 @@ _WINOGRAD_BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
 _WINOGRAD_G = ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1))
 _WINOGRAD_AT = ((1, 1, 1, 0), (0, 1, -1, -1))
 # Where it beats XLA:CPU's convolution (forward at batch 32, 2-core AVX-512 CPU,
-# experiments/benchmarks/cpu-2core.md): 0.63-0.91x of its time with >= 128 channels in and out
-# and >= 512 tiles; with 64 channels (ResNet's 56x56 stage) its transforms, 4x the input in
-# memory, cost more than the products save (1.1-1.3x), as at batch 1 (1.8x). Odd sides pad a
-# row and a column of tiles (7x7: no gain).
+# experiments/benchmarks/records-2026-12-03/winograd_shapes.txt): 0.60-0.98x of its time with
+# >= 128 channels in and out (the wider, the more it gains); with 64 channels (ResNet's 56x56
+# stage) its transforms, 4x the input in memory, cost what the products save or more
+# (1.0-1.3x), as with few tiles (batch 1, 49 tiles: 1.5x; 392 tiles still gained, 0.75x, so
+# the tile threshold is on the safe side). Odd sides would pad a row and a column of tiles
+# (7x7: 1.3x the products, no gain).
 WINOGRAD_MIN_CHANNELS = 128
 WINOGRAD_MIN_TILES = 512
 
