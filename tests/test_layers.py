@@ -100,11 +100,12 @@ def test_dense_conv_equals_conv(shape, strides, padding, conv_impl):
 
 
 # Winograd F(2x2, 3x3) computes each output from 16 products of transformed 4x4 tiles and
-# kernels per channel: the input transform adds up to 4 values per axis and the output
-# transform 3, so a product's terms carry ~4x the input's and ~2x the kernel's magnitude and
-# partly cancel. Over C = 128 channels that is ~eps*sqrt(9*C)*8 = 3e-5 of the terms' scale at
-# worst; relative to the output's largest magnitude, bound 1e-5 [measured 4.8e-7 here, 4.3e-7
-# to 7.6e-7 over the shapes of records-2026-12-03/winograd_shapes.txt]. A wrong tile offset or transform coefficient is off by 1e-1 or more.
+# kernels, summed over C channels: the transforms add up to 4 input values and 9 kernel taps
+# (halved) and the output transform 9 products, so rounding errors carry up to ~8x a plain
+# product's size: ~eps * 8 * sqrt(9 * C) = 3e-5 of one product for C = 128, while the output's
+# largest magnitude is a few times sqrt(9 * C) = 34 products (random signs), i.e. ~1e-6 of it.
+# Bound 1e-5 [measured 4.8e-7 here; 4.3e-7 to 7.6e-7 over the shapes of
+# records-2026-12-03/winograd_shapes.txt]. A wrong tile offset or coefficient is off by 1e-1.
 WINOGRAD_RTOL = 1e-5
 
 
